@@ -1,0 +1,21 @@
+"""sam-onnx: export Segment Anything to ONNX, validate and repair graphs, run them on ONNX
+Runtime, and prove parity and speed against PyTorch.
+
+Importing the package needs only ONNX Runtime; torch is imported by the functions that
+export or compare against PyTorch, never by the runtime.
+"""
+from . import _ort  # noqa: F401  (fails early, naming the extra to install)
+from .contracts import CONTRACTS, DECODER_CONTRACTS, ENCODER, GraphContract, TensorSpec
+from .errors import CheckpointError, ParityError, SamOnnxError
+
+__version__ = "0.1.0"
+__all__ = ["CONTRACTS", "DECODER_CONTRACTS", "ENCODER", "GraphContract", "TensorSpec",
+           "SamOnnxError", "CheckpointError", "ParityError", "export"]
+
+
+def __getattr__(name):
+    if name == "export":  # imports torch: only when asked for
+        from .exporter import export
+
+        return export
+    raise AttributeError(f"module 'sam_onnx' has no attribute {name!r}")

@@ -1,0 +1,78 @@
+"""The ``sam-onnx`` command: one click sub-command per job.
+
+Expected failures (SamOnnxError) print one line naming the problem and the fix, and exit
+non-zero without a traceback.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from pathlib import Path
+
+import click
+
+from .checkpoints import MODEL_TYPES
+from .contracts import DECODER_CONTRACTS
+from .errors import SamOnnxError
+
+
+def _expected_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except SamOnnxError as exc:
+            raise click.ClickException(str(exc)) from None
+        except KeyboardInterrupt:
+            click.echo("Error: interrupted; nothing was written under the final names", err=True)
+            sys.exit(130)
+    return wrapper
+
+
+@click.group()
+@click.version_option(package_name="sam-onnx")
+@click.option("-v", "--verbose", is_flag=True, help="Also show the exporters' own messages.")
+def main(verbose: bool) -> None:
+    """Export Segment Anything to ONNX, validate and repair graphs, run and compare them."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("sam_onnx")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+
+
+@main.command()
+@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES), default="vit_h",
+              show_default=True, help="SAM model type (tiny: a small test model).")
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="Local .pth checkpoint; by default the official one is downloaded and cached.")
+@click.option("--random-weights", is_flag=True,
+              help="No checkpoint: random weights, for trying the tool and tests.")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("exported"),
+              show_default=True, help="Output folder.")
+@click.option("--decoder-contract", type=click.Choice(DECODER_CONTRACTS), default="official",
+              show_default=True, help="Which decoder inputs/outputs to export.")
+@click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True)
+@click.option("--simplify", is_flag=True, help="Run onnxsim on graphs under 2 GB.")
+@click.option("--quantize", type=click.Choice(["int8"]),
+              help="Also write int8 dynamically quantized graphs, checked with their tolerance.")
+@click.option("--encoder/--no-encoder", default=True, show_default=True)
+@click.option("--decoder/--no-decoder", default=True, show_default=True)
+@_expected_errors
+def export(**options) -> None:
+    """Export SAM's encoder and decoder, check them against PyTorch, write a manifest."""
+    from .exporter import export as run_export
+
+    result = run_export(**options)
+    for g in result.graphs:
+        click.echo(f"{g.path}  [{g.contract.name}, {g.precision}]  {g.parity.summary()}")
+    click.echo(f"{result.manifest}")
+    if result.random_weights:
+        click.echo("note: exported with RANDOM weights (marked in each graph's metadata); "
+                   "masks from these graphs mean nothing")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,199 @@
+"""Graph contracts: what each SAM graph takes and returns, declared once as data.
+
+The exporter writes graphs that follow these contracts, records them in each
+graph's metadata, and the validator, repairer and runtime read the same
+declarations.  A dimension is either a fixed int or a symbolic name (a dynamic
+axis, e.g. ``num_points``).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Mapping, Tuple, Union
+
+Dim = Union[int, str]
+
+#: SAM's fixed geometry and pre-processing constants (segment_anything/build_sam.py).
+IMAGE_SIZE = 1024
+EMBEDDING_SIZE = IMAGE_SIZE // 16
+MASK_INPUT_SIZE = 4 * EMBEDDING_SIZE
+EMBEDDING_DIM = 256
+NUM_MASK_TOKENS = 4
+PIXEL_MEAN = (123.675, 116.28, 103.53)
+PIXEL_STD = (58.395, 57.12, 57.375)
+MASK_THRESHOLD = 0.0
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the encoder's input: resize longest side, normalize, pad."""
+
+    image_size: int = IMAGE_SIZE
+    pixel_mean: Tuple[float, float, float] = PIXEL_MEAN
+    pixel_std: Tuple[float, float, float] = PIXEL_STD
+
+
+PREPROCESS = Preprocess()
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: Tuple[Dim, ...]
+    doc: str
+
+    @property
+    def dynamic_axes(self) -> Dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed difference from PyTorch: |onnx - torch| <= atol + rtol * max|torch|."""
+
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    name: str
+    role: str  # "encoder" or "decoder"
+    doc: str
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    #: Parity with PyTorch per precision, used by the exporter's checks.
+    tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> Tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def input(self, name: str) -> TensorSpec:
+        return {t.name: t for t in self.inputs}[name]
+
+    def dynamic_axes(self) -> Dict[str, Dict[int, str]]:
+        """Symbolic dims by tensor name, in the form torch.onnx.export takes."""
+        return {t.name: t.dynamic_axes for t in self.inputs + self.outputs if t.dynamic_axes}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "GraphContract":
+        def spec(d):
+            return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d.get("doc", ""))
+
+        return cls(
+            name=data["name"],
+            role=data["role"],
+            doc=data.get("doc", ""),
+            inputs=tuple(spec(d) for d in data["inputs"]),
+            outputs=tuple(spec(d) for d in data["outputs"]),
+            tolerances={k: Tolerance(**v) for k, v in data.get("tolerances", {}).items()},
+        )
+
+
+_FP32 = "float32"
+_E, _M = EMBEDDING_SIZE, MASK_INPUT_SIZE
+
+_IMAGE_EMBEDDINGS = TensorSpec(
+    "image_embeddings", _FP32, (1, EMBEDDING_DIM, _E, _E), "the encoder's output for one image"
+)
+_POINT_COORDS = TensorSpec(
+    "point_coords",
+    _FP32,
+    (1, "num_points", 2),
+    "(x, y) in the resized 1024-pixel frame; a box is two points labelled 2 and 3",
+)
+_POINT_LABELS = TensorSpec(
+    "point_labels",
+    _FP32,
+    (1, "num_points"),
+    "1 foreground, 0 background, 2/3 box corners, -1 padding (add one when there is no box)",
+)
+_MASK_INPUT = TensorSpec(
+    "mask_input", _FP32, (1, 1, _M, _M), "low-res logits of an earlier prediction, to refine"
+)
+_IOU_PREDICTIONS = TensorSpec(
+    "iou_predictions", _FP32, (1, NUM_MASK_TOKENS), "predicted IoU per mask (single-mask token first)"
+)
+_LOW_RES_MASKS = TensorSpec(
+    "low_res_masks", _FP32, (1, NUM_MASK_TOKENS, _M, _M), "mask logits at 256x256, before upscaling"
+)
+
+ENCODER = GraphContract(
+    name="encoder",
+    role="encoder",
+    doc="SAM's ViT image encoder on one pre-processed image.",
+    inputs=(
+        TensorSpec(
+            "image",
+            _FP32,
+            (1, 3, IMAGE_SIZE, IMAGE_SIZE),
+            "RGB resized so its longest side is 1024, normalized by pixel mean/std, zero-padded "
+            "bottom-right",
+        ),
+    ),
+    outputs=(_IMAGE_EMBEDDINGS,),
+    tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "int8": Tolerance(atol=0.0, rtol=0.25)},
+)
+
+DECODER_OFFICIAL = GraphContract(
+    name="official",
+    role="decoder",
+    doc="segment-anything's ONNX decoder (scripts/export_onnx_model.py): prompt encoder, mask "
+    "decoder and upscaling to the original image size, all four mask tokens returned.",
+    inputs=(
+        _IMAGE_EMBEDDINGS,
+        _POINT_COORDS,
+        _POINT_LABELS,
+        _MASK_INPUT,
+        TensorSpec("has_mask_input", _FP32, (1,), "1 when mask_input holds a mask, else 0"),
+        TensorSpec("orig_im_size", _FP32, (2,), "(height, width) of the original image"),
+    ),
+    outputs=(
+        TensorSpec(
+            "masks",
+            _FP32,
+            (1, NUM_MASK_TOKENS, "image_height", "image_width"),
+            "mask logits at the original image size; threshold at 0",
+        ),
+        _IOU_PREDICTIONS,
+        _LOW_RES_MASKS,
+    ),
+    tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "int8": Tolerance(atol=0.0, rtol=0.25)},
+)
+
+DECODER_LOWRES = GraphContract(
+    name="lowres",
+    role="decoder",
+    doc="A 4-input decoder returning low-resolution logits and scores; the caller upscales. "
+    "An all-zero mask_input means no mask prompt.",
+    inputs=(_IMAGE_EMBEDDINGS, _POINT_COORDS, _POINT_LABELS, _MASK_INPUT),
+    outputs=(_LOW_RES_MASKS, _IOU_PREDICTIONS),
+    tolerances=DECODER_OFFICIAL.tolerances,
+)
+
+CONTRACTS: Dict[str, GraphContract] = {
+    c.name: c for c in (ENCODER, DECODER_OFFICIAL, DECODER_LOWRES)
+}
+DECODER_CONTRACTS = tuple(name for name, c in CONTRACTS.items() if c.role == "decoder")
+
+
+def get_contract(name: str) -> GraphContract:
+    from .errors import SamOnnxError
+
+    try:
+        return CONTRACTS[name]
+    except KeyError:
+        known = ", ".join(CONTRACTS)
+        raise SamOnnxError(f"unknown contract {name!r}; use one of: {known}") from None

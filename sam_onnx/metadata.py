@@ -1,0 +1,79 @@
+"""The contract and provenance each exported graph carries in its ONNX metadata_props.
+
+Keys are prefixed ``sam_onnx.``; structured values are JSON strings.  Readers need only
+the graph's protobuf, never its external weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Dict, Optional
+
+import onnx
+
+from .contracts import PREPROCESS, GraphContract
+
+PREFIX = "sam_onnx."
+_JSON_KEYS = {"contract_spec", "preprocess", "versions"}
+
+
+def provenance(contract: GraphContract, *, model_type: str, weights_source: str,
+               weights_checksum: str, exporter: str, opset: int, precision: str = "fp32") -> Dict:
+    """Everything recorded about one graph, as plain data."""
+    return {
+        "role": contract.role,
+        "model_type": model_type,
+        "contract": contract.name,
+        "contract_spec": contract.to_dict(),
+        "preprocess": asdict(PREPROCESS),
+        "weights": weights_checksum,
+        "weights_source": weights_source,
+        "random_weights": weights_checksum == "random",
+        "precision": precision,
+        "exporter": exporter,
+        "opset": opset,
+        "versions": library_versions(),
+    }
+
+
+def library_versions() -> Dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("sam-onnx", "torch", "onnx", "onnxscript", "segment-anything", "onnxruntime",
+                 "onnxruntime-gpu"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def write(model: onnx.ModelProto, record: Dict) -> None:
+    """Set the ``sam_onnx.*`` entries of ``model`` in place, replacing earlier ones."""
+    kept = [p for p in model.metadata_props if not p.key.startswith(PREFIX)]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    for key, value in record.items():
+        text = json.dumps(value, sort_keys=True) if key in _JSON_KEYS or not isinstance(value, str) \
+            else value
+        model.metadata_props.add(key=PREFIX + key, value=text)
+
+
+def read(model: onnx.ModelProto) -> Dict:
+    """The ``sam_onnx.*`` entries as plain data; empty for graphs sam-onnx did not write."""
+    out = {}
+    for p in model.metadata_props:
+        if p.key.startswith(PREFIX):
+            key = p.key[len(PREFIX):]
+            try:
+                out[key] = json.loads(p.value) if key in _JSON_KEYS or key in (
+                    "random_weights", "opset") else p.value
+            except json.JSONDecodeError:
+                out[key] = p.value
+    return out
+
+
+def recorded_contract(model: onnx.ModelProto) -> Optional[GraphContract]:
+    spec = read(model).get("contract_spec")
+    return GraphContract.from_dict(spec) if isinstance(spec, dict) else None

@@ -1,0 +1,51 @@
+"""Read what a graph takes and returns as TensorSpecs, from the protobuf alone."""
+from __future__ import annotations
+
+from typing import List, Tuple
+
+import onnx
+from onnx import helper
+
+from .contracts import GraphContract, TensorSpec
+
+
+def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
+    t = value.type.tensor_type
+    dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "undefined"
+    shape = tuple(
+        d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
+    )
+    return TensorSpec(value.name, dtype, shape, value.doc_string)
+
+
+def graph_inputs(model: onnx.ModelProto) -> Tuple[TensorSpec, ...]:
+    """Inputs a caller must feed: initializers listed as inputs by old exporters are left out."""
+    init = {i.name for i in model.graph.initializer}
+    return tuple(_spec(v) for v in model.graph.input if v.name not in init)
+
+
+def graph_outputs(model: onnx.ModelProto) -> Tuple[TensorSpec, ...]:
+    return tuple(_spec(v) for v in model.graph.output)
+
+
+def mismatches(model: onnx.ModelProto, contract: GraphContract) -> List[str]:
+    """How the graph's inputs and outputs differ from ``contract`` (names, dtypes, shapes)."""
+    problems = []
+    for kind, actual, declared in (("input", graph_inputs(model), contract.inputs),
+                                   ("output", graph_outputs(model), contract.outputs)):
+        got = {t.name: t for t in actual}
+        want = {t.name: t for t in declared}
+        problems += [f"missing {kind} {n}" for n in want if n not in got]
+        problems += [f"unexpected {kind} {n}" for n in got if n not in want]
+        for name in want.keys() & got.keys():
+            w, g = want[name], got[name]
+            if w.dtype != g.dtype:
+                problems.append(f"{kind} {name} is {g.dtype}, declared {w.dtype}")
+            if len(w.shape) != len(g.shape) or any(
+                isinstance(wd, int) and wd != gd for wd, gd in zip(w.shape, g.shape)
+            ):
+                problems.append(f"{kind} {name} has shape {list(g.shape)}, declared {list(w.shape)}")
+            elif any(isinstance(wd, str) and isinstance(gd, int) for wd, gd in zip(w.shape, g.shape)):
+                problems.append(f"{kind} {name} has static shape {list(g.shape)}, declared "
+                                f"dynamic {list(w.shape)}")
+    return problems

@@ -1,0 +1,33 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sam_onnx.checkpoints import build_sam
+
+
+def run_cli(*args, env=None, timeout=900):
+    """Run the real `sam-onnx` entry point in a fresh process (exit codes, stderr, tracebacks)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "-m", "sam_onnx.cli", *map(str, args)],
+                          capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """Random weights of the tiny SAM, saved as a real checkpoint file."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    torch.save(build_sam("tiny", seed=1).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory, tiny_checkpoint):
+    """One CLI export of the tiny model from its checkpoint, shared by read-only tests."""
+    out = tmp_path_factory.mktemp("exported")
+    proc = run_cli("export", "--model", "tiny", "--checkpoint", tiny_checkpoint, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    return out, proc

@@ -1,0 +1,183 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import sam_onnx
+from sam_onnx import exporter, graphs, metadata, reference
+from sam_onnx.checkpoints import build_sam
+from sam_onnx.contracts import DECODER_LOWRES, DECODER_OFFICIAL, ENCODER
+from sam_onnx.errors import ParityError, SamOnnxError
+from sam_onnx.signature import mismatches
+
+from conftest import run_cli
+
+
+def _final_files(folder):
+    return sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def test_cli_export_writes_checked_graphs_and_a_manifest(tiny_export, tiny_checkpoint):
+    out, proc = tiny_export
+    assert _final_files(out) == ["tiny_decoder_official.onnx", "tiny_encoder.onnx",
+                                 "tiny_encoder.onnx.data", "tiny_manifest.json"]
+    assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging folder left behind"
+    manifest = json.loads((out / "tiny_manifest.json").read_text())
+    assert manifest["random_weights"] is False
+    assert [g["contract"] for g in manifest["graphs"]] == ["encoder", "official"]
+    assert all(g["parity"]["passed"] for g in manifest["graphs"])
+    assert "export encoder (encoder)" in manifest["timings_s"]
+    assert "parity tiny_encoder.onnx" in proc.stderr and "ok" in proc.stdout
+
+
+def test_graphs_record_contract_and_provenance(tiny_export, tiny_checkpoint):
+    out, _ = tiny_export
+    for name, contract in (("tiny_encoder.onnx", ENCODER),
+                           ("tiny_decoder_official.onnx", DECODER_OFFICIAL)):
+        model = onnx.load(str(out / name), load_external_data=False)
+        meta = metadata.read(model)
+        assert meta["role"] == contract.role and meta["model_type"] == "tiny"
+        assert metadata.recorded_contract(model) == contract
+        assert meta["preprocess"]["pixel_mean"] == [123.675, 116.28, 103.53]
+        assert meta["weights_source"] == str(tiny_checkpoint)
+        assert meta["weights"].startswith("sha256:") and meta["random_weights"] is False
+        assert meta["opset"] == 18 and "torch" in meta["versions"]
+        assert mismatches(model, contract) == []
+
+
+def test_decoder_masks_are_right_for_an_image_size_not_used_while_exporting(tiny_export,
+                                                                             tiny_checkpoint):
+    out, _ = tiny_export
+    sam = build_sam("tiny", sam_onnx.checkpoints.load_state_dict(tiny_checkpoint))
+    session = ort.InferenceSession(str(out / "tiny_decoder_official.onnx"),
+                                   providers=["CPUExecutionProvider"])
+    emb = reference.random_embeddings(seed=5)
+    for size in ((100, 3000), (2048, 333)):
+        prompt = reference.Prompt("odd", size, np.array([[50.0, 40.0]]), np.array([1.0]))
+        feed = reference.decoder_feed(DECODER_OFFICIAL, emb, prompt)
+        ref = reference.decoder_reference(sam, DECODER_OFFICIAL, emb, prompt)
+        masks = session.run(["masks"], feed)[0]
+        assert masks.shape == (1, 4, *size)
+        np.testing.assert_allclose(masks, ref["masks"], atol=1e-4)
+
+
+def test_lowres_export_and_random_weights_are_marked(tmp_path):
+    result = sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path,
+                             decoder_contract="lowres", encoder=False, simplify=True)
+    graph = result.graph("decoder")
+    assert graph.path == tmp_path / "tiny_decoder_lowres.onnx" and graph.parity.passed
+    model = onnx.load(str(graph.path))
+    assert mismatches(model, DECODER_LOWRES) == []
+    assert metadata.read(model)["random_weights"] is True
+    assert metadata.read(model)["weights"] == "random"
+    assert result.random_weights
+
+
+def test_int8_graphs_are_checked_with_their_own_tolerance(tmp_path):
+    result = sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path, quantize="int8")
+    for role in ("encoder", "decoder"):
+        q = result.graph(role, "int8")
+        assert q.parity.passed and q.parity.tolerance == q.contract.tolerances["int8"]
+        assert metadata.read(onnx.load(str(q.path), load_external_data=False))["precision"] == "int8"
+        assert q.path.stat().st_size < result.graph(role).path.stat().st_size
+
+
+def test_unknown_model_type_is_a_usage_error():
+    proc = run_cli("export", "--model", "vit_x", "--random-weights")
+    assert proc.returncode == 2 and "vit_x" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_offline_without_checkpoint_fails_in_one_line(tmp_path):
+    proc = run_cli("export", "--model", "vit_b", "--out", tmp_path / "o",
+                   env={"SAM_ONNX_CACHE": str(tmp_path / "c"),
+                        "SAM_ONNX_CHECKPOINT_URL": "http://127.0.0.1:9/"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "--checkpoint PATH" in proc.stderr and "--random-weights" in proc.stderr
+    assert not (tmp_path / "o").exists() or _final_files(tmp_path / "o") == []
+
+
+@pytest.mark.parametrize("kind", ["missing", "corrupt", "mismatched"])
+def test_bad_checkpoints_fail_before_any_graph_is_written(tmp_path, tiny_checkpoint, kind):
+    ckpt = {"missing": tmp_path / "none.pth", "corrupt": tmp_path / "bad.pth",
+            "mismatched": tiny_checkpoint}[kind]
+    if kind == "corrupt":
+        ckpt.write_bytes(tiny_checkpoint.read_bytes()[:5000])
+    model = "vit_b" if kind == "mismatched" else "tiny"
+    proc = run_cli("export", "--model", model, "--checkpoint", ckpt, "--out", tmp_path / "o")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert {"missing": "not found", "corrupt": "corrupt",
+            "mismatched": "pass --model tiny"}[kind] in proc.stderr
+    assert _final_files(tmp_path / "o") == []
+
+
+def test_unwritable_output_folder(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    proc = run_cli("export", "--model", "tiny", "--random-weights", "--out", blocker / "out")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "cannot write to output folder" in proc.stderr and "--out" in proc.stderr
+
+
+def test_a_failed_check_keeps_what_existed_and_writes_nothing(tmp_path, monkeypatch):
+    sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    real = graphs.decoder_module
+
+    def halves_mask_prompt(contract_name, sam):
+        module = real(contract_name, sam)
+        embed = module._embed_masks
+        module._embed_masks = lambda mask, has_mask: embed(mask * 0.5, has_mask)
+        return module
+
+    monkeypatch.setattr(graphs, "decoder_module", halves_mask_prompt)
+    with pytest.raises(ParityError, match=r"tiny_decoder_official.onnx disagrees with PyTorch "
+                                          r"on \w+ for 'points\+mask"):
+        sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_interrupted_export_leaves_no_final_file(tmp_path, monkeypatch):
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(exporter, "_check", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_killed_export_process_leaves_no_final_file(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-m", "sam_onnx.cli", "export", "--model", "tiny",
+                             "--random-weights", "--out", str(tmp_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not any(p.suffix == ".onnx" for s in tmp_path.glob(".sam-onnx-staging-*")
+                  for p in s.iterdir()):
+        assert time.time() < deadline and proc.poll() is None, "export never staged a graph"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert _final_files(tmp_path) == []
+
+
+def test_nothing_to_export_is_refused():
+    with pytest.raises(SamOnnxError, match="nothing to export"):
+        sam_onnx.export("tiny", random_weights=True, encoder=False, decoder=False)
+
+
+def test_import_without_onnxruntime_names_the_extra(tmp_path):
+    blocker = tmp_path / "onnxruntime.py"
+    blocker.write_text("raise ImportError('No module named onnxruntime')\n")
+    proc = subprocess.run([sys.executable, "-c", "import sam_onnx"], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert proc.returncode == 1
+    assert "pip install 'sam-onnx[cpu]'" in proc.stderr and "sam-onnx[gpu]" in proc.stderr
