@@ -21,7 +21,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import onnx
 
-from . import metadata, reference, signature
+from . import graphs, metadata, reference, signature
 from ._ort import onnxruntime as ort
 from .checkpoints import load_weights
 from .contracts import DECODER_CONTRACTS, ENCODER, GraphContract, get_contract
@@ -91,7 +91,16 @@ class _Stages:
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
-        log.info("%s: %.1f s (peak RSS so far %.2f GiB)", name, self.timings[name], peak)
+        log.info("%s: %.1f s (RSS %.2f GiB, peak so far %.2f GiB)", name, self.timings[name],
+                 _current_rss_gib(), peak)
+
+
+def _current_rss_gib() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * resource.getpagesize() / 2**30
+    except OSError:  # not Linux
+        return float("nan")
 
 
 def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
@@ -117,7 +126,7 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
             log.warning("random weights: these graphs are for trying the tool and for tests; "
                         "their masks mean nothing")
         sam = weights.sam
-        with stage("PyTorch reference outputs"):
+        with graphs.chunked_attention(), stage("PyTorch reference outputs"):
             checks = _reference_checks(sam, contracts)
         staged = {}
         for contract in contracts:
@@ -134,31 +143,41 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
                     opset=opset)
                 _stamp(path, contract, record)
             staged[contract.name] = (path, record)
-        del sam, weights  # free the PyTorch model before ONNX Runtime loads the graphs
-        gc.collect()
+        _release(sam)  # before ONNX Runtime loads the graphs: both at once would not fit
+        del sam, weights
 
-        graphs = []
+        exported = []
         for contract in contracts:
             path, record = staged[contract.name]
             with stage(f"check {contract.role}"):
-                graphs.append(_check(path, contract, "fp32", checks[contract.name]))
+                exported.append(_check(path, contract, "fp32", checks[contract.name]))
             if quantize:
                 qpath = path.with_name(path.name[:-5] + f".{quantize}.onnx")
                 with stage(f"quantize {contract.role} ({quantize})"):
                     _quantize(path, qpath)
                     _stamp(qpath, contract, {**record, "precision": quantize})
                 with stage(f"check {contract.role} ({quantize})"):
-                    graphs.append(_check(qpath, contract, quantize, checks[contract.name]))
+                    exported.append(_check(qpath, contract, quantize, checks[contract.name]))
 
         result = ExportResult(model_type, record["weights"], record["weights_source"],
-                              Path(out_dir), graphs, Path(out_dir) / f"{model_type}_manifest.json",
+                              Path(out_dir), exported, Path(out_dir) / f"{model_type}_manifest.json",
                               stage.timings)
         manifest = staging.path(result.manifest.name)
         manifest.write_text(json.dumps(_manifest(result, record), indent=2) + "\n")
         staging.commit(p.name for p in staging.dir.iterdir())
-    for g in graphs:
+    for g in exported:
         g.path = result.out_dir / g.path.name
     return result
+
+
+def _release(sam) -> None:
+    """Free the model's tensors now. The exporter's IR keeps references to the parameters
+    after export, so dropping ``sam`` alone would hold the weights through the checks."""
+    import torch
+
+    for tensor in [*sam.parameters(), *sam.buffers()]:
+        tensor.data = torch.empty(0)
+    gc.collect()
 
 
 def _reference_checks(sam, contracts: List[GraphContract]) -> Dict[str, Dict[str, tuple]]:
@@ -186,7 +205,7 @@ def _export_encoder(sam, contract: GraphContract, path: Path, opset: int) -> Non
 
     (spec,) = contract.inputs
     example = torch.zeros(spec.shape, dtype=torch.float32)
-    with _quiet():
+    with _quiet(), graphs.chunked_attention():
         torch.onnx.export(sam.image_encoder, (example,), str(path), dynamo=True,
                           external_data=True, opset_version=opset,
                           input_names=list(contract.input_names),
@@ -198,12 +217,10 @@ def _export_decoder(sam, contract: GraphContract, path: Path, opset: int) -> Non
     segment-anything's own export script relies on."""
     import torch
 
-    from .graphs import decoder_module
-
     feed = reference.decoder_feed(contract, reference.random_embeddings(), reference.PROMPTS[0])
     args = tuple(torch.from_numpy(feed[name]) for name in contract.input_names)
     with _quiet():
-        torch.onnx.export(decoder_module(contract.name, sam), args, str(path), dynamo=False,
+        torch.onnx.export(graphs.decoder_module(contract.name, sam), args, str(path), dynamo=False,
                           opset_version=opset, do_constant_folding=True,
                           input_names=list(contract.input_names),
                           output_names=list(contract.output_names),
@@ -280,7 +297,8 @@ def _check(path: Path, contract: GraphContract, precision: str,
     if problems:
         raise SamOnnxError(f"the exported {path.name} does not follow the {contract.name} "
                            f"contract: {'; '.join(problems)}")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(str(path), _lean_session_options(),
+                                   providers=["CPUExecutionProvider"])
     names = [o.name for o in session.get_outputs()]
     per_feed = {}
     for feed_name, (feed, ref) in checks.items():
@@ -296,6 +314,16 @@ def _check(path: Path, contract: GraphContract, precision: str,
             f"{w.max_abs_err:.3g} > allowed {w.allowed:.3g}; nothing was written"
         )
     return ExportedGraph(contract.role, contract, precision, path, parity)
+
+
+def _lean_session_options() -> "ort.SessionOptions":
+    """A session for one check run: no pre-packed weight copies, no arena holding freed
+    activations, so a vit_h check stays near the size of its weights."""
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    options.enable_cpu_mem_arena = False
+    options.enable_mem_pattern = False
+    return options
 
 
 def _manifest(result: ExportResult, record: Dict) -> Dict:

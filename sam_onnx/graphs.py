@@ -6,11 +6,52 @@ correct for every image size is rewritten.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
+from segment_anything.modeling import image_encoder
 from segment_anything.utils.onnx import SamOnnxModel
 
 from .contracts import IMAGE_SIZE
+
+#: Attention scores held at once per chunk (fp32 elements): 64 MB, one vit_h global head.
+ATTENTION_CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunked_attention_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """segment_anything's ``Attention.forward`` computed a few heads at a time.
+
+    The global-attention blocks hold (heads x 4096 x 4096) scores two or three times over
+    (4 GB for vit_h); per head the arithmetic is the same, so bounding how many heads are
+    in flight bounds memory in PyTorch and, once exported, in ONNX Runtime.
+    """
+    B, H, W, _ = x.shape
+    qkv = self.qkv(x).reshape(B, H * W, 3, self.num_heads, -1).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.reshape(3, B * self.num_heads, H * W, -1).unbind(0)
+    step = max(1, ATTENTION_CHUNK_ELEMENTS // (H * W) ** 2)
+    outs = []
+    for i in range(0, B * self.num_heads, step):
+        qi, ki, vi = q[i:i + step], k[i:i + step], v[i:i + step]
+        attn = (qi * self.scale) @ ki.transpose(-2, -1)
+        if self.use_rel_pos:
+            attn = image_encoder.add_decomposed_rel_pos(
+                attn, qi, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
+        outs.append(attn.softmax(dim=-1) @ vi)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    x = out.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
+    return self.proj(x)
+
+
+@contextlib.contextmanager
+def chunked_attention():
+    """Within this block SAM's image encoder attends a few heads at a time (see above)."""
+    original = image_encoder.Attention.forward
+    image_encoder.Attention.forward = _chunked_attention_forward
+    try:
+        yield
+    finally:
+        image_encoder.Attention.forward = original
 
 
 class OfficialDecoder(SamOnnxModel):
