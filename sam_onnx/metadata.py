@@ -11,6 +11,8 @@ from typing import Dict, Optional
 
 import onnx
 
+from pathlib import Path
+
 from .contracts import PREPROCESS, GraphContract
 
 PREFIX = "sam_onnx."
@@ -77,3 +79,19 @@ def read(model: onnx.ModelProto) -> Dict:
 def recorded_contract(model: onnx.ModelProto) -> Optional[GraphContract]:
     spec = read(model).get("contract_spec")
     return GraphContract.from_dict(spec) if isinstance(spec, dict) else None
+
+
+def stamp(path: Path, contract: GraphContract, record: Dict) -> None:
+    """Record the contract and provenance, and name the output dims as the contract declares
+    them (exporters leave generated names); the weights in external data are not loaded."""
+    model = onnx.load(str(path), load_external_data=False)
+    write(model, record)
+    declared = {t.name: t for t in contract.outputs}
+    for out in model.graph.output:
+        if out.name in declared:
+            dims = out.type.tensor_type.shape.dim
+            del dims[:]
+            for d in declared[out.name].shape:
+                dims.add(**({"dim_param": d} if isinstance(d, str) else {"dim_value": d}))
+    model.graph.doc_string = contract.doc
+    onnx.save(model, str(path))

@@ -43,3 +43,8 @@ class Staging:
             with open(src, "rb") as f:
                 os.fsync(f.fileno())
             os.replace(src, self.out_dir / name)
+
+
+def has_external_data(path: Path) -> bool:
+    """Whether files beside ``path`` (``<name>.onnx.data``...) hold its weights."""
+    return any(p != path for p in path.parent.glob(path.name + "*"))

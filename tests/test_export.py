@@ -141,7 +141,7 @@ def test_a_failed_check_keeps_what_existed_and_writes_nothing(tmp_path, monkeypa
     monkeypatch.setattr(graphs, "decoder_module", halves_mask_prompt)
     with pytest.raises(ParityError, match=r"tiny_decoder_official.onnx disagrees with PyTorch "
                                           r"on \w+ for 'points\+mask"):
-        sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path)
+        sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path, isolate=False)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
 
 
@@ -181,3 +181,9 @@ def test_import_without_onnxruntime_names_the_extra(tmp_path):
                           text=True, env={**os.environ, "PYTHONPATH": str(tmp_path)})
     assert proc.returncode == 1
     assert "pip install 'sam-onnx[cpu]'" in proc.stderr and "sam-onnx[gpu]" in proc.stderr
+
+
+def test_the_checking_process_never_imports_torch():
+    code = ("import sys, sam_onnx, sam_onnx.exporter, sam_onnx.cli; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from sam_onnx.checkpoints import build_sam
@@ -5,14 +6,15 @@ from sam_onnx.graphs import chunked_attention
 from segment_anything.modeling import image_encoder
 
 
-def test_chunked_attention_matches_segment_anythings_attention(monkeypatch):
+@pytest.mark.parametrize("chunk_elements", [1, 1 << 26])  # one head a chunk; all heads
+def test_chunked_attention_matches_segment_anythings_attention(chunk_elements):
     sam = build_sam("tiny", seed=3)
     x = torch.randn(1, 3, 1024, 1024)
-    monkeypatch.setattr("sam_onnx.graphs.ATTENTION_CHUNK_ELEMENTS", 1 << 23)  # 1 head a chunk
+    original = image_encoder.Attention.forward
     with torch.inference_mode():
         plain = sam.image_encoder(x)
-        with chunked_attention():
+        with chunked_attention(chunk_elements):
             chunked = sam.image_encoder(x)
-    assert image_encoder.Attention.forward.__name__ == "forward"  # restored
+    assert image_encoder.Attention.forward is original  # restored
     torch.testing.assert_close(chunked, plain, atol=1e-5, rtol=1e-5)
     assert not torch.equal(plain, torch.zeros_like(plain))

@@ -1,0 +1,150 @@
+"""The PyTorch half of an export: weights, reference outputs and the exported graphs.
+
+It runs in its own process (see ``exporter``), so the model, torch and the exporters'
+caches are gone before ONNX Runtime loads the graphs to check them.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import onnx
+import torch
+
+from . import graphs, metadata, reference
+from .checkpoints import load_weights
+from .contracts import GraphContract, get_contract
+from .errors import SamOnnxError
+from .stages import Stages
+from .staging import has_external_data
+
+log = logging.getLogger("sam_onnx.export")
+
+
+@dataclass(frozen=True)
+class Job:
+    model_type: str
+    checkpoint: Optional[Path]
+    random_weights: bool
+    contracts: Tuple[str, ...]
+    staging_dir: Path
+    opset: int
+    simplify: bool
+    progress: bool
+
+
+@dataclass
+class Staged:
+    """What the PyTorch half leaves for the checks: staged graphs and PyTorch's outputs."""
+
+    paths: Dict[str, Path]  # contract name -> staged graph
+    records: Dict[str, Dict]  # contract name -> provenance stamped into the graph
+    checks: Dict[str, Dict[str, tuple]]  # contract name -> feed name -> (feed, reference)
+    timings: Dict[str, float]
+
+
+def run(job: Job) -> Staged:
+    stage = Stages()
+    contracts = [get_contract(name) for name in job.contracts]
+    with stage(f"load {job.model_type} weights"):
+        weights = load_weights(job.model_type, job.checkpoint, random_weights=job.random_weights,
+                               progress=job.progress)
+    if weights.random:
+        log.warning("random weights: these graphs are for trying the tool and for tests; "
+                    "their masks mean nothing")
+    with graphs.chunked_attention(graphs.REFERENCE_CHUNK_ELEMENTS), stage("PyTorch reference outputs"):
+        checks = _reference_checks(weights.sam, contracts)
+    paths, records = {}, {}
+    for contract in contracts:
+        name = f"{job.model_type}_{contract.role}" + (
+            f"_{contract.name}" if contract.role == "decoder" else "")
+        path = job.staging_dir / (name + ".onnx")
+        with stage(f"export {contract.role} ({contract.name})"):
+            _EXPORTERS[contract.role](weights.sam, contract, path, job.opset)
+            if job.simplify:
+                _simplify(path)
+            records[contract.name] = metadata.provenance(
+                contract, model_type=job.model_type, weights_source=weights.source,
+                weights_checksum=weights.checksum, exporter=_EXPORTER_NAMES[contract.role],
+                opset=job.opset)
+            metadata.stamp(path, contract, records[contract.name])
+        paths[contract.name] = path
+    return Staged(paths, records, checks, stage.timings)
+
+
+def _reference_checks(sam, contracts: List[GraphContract]) -> Dict[str, Dict[str, tuple]]:
+    """Per contract, the feeds to run and PyTorch's outputs for them."""
+    checks = {}
+    embeddings = reference.random_embeddings()
+    for contract in contracts:
+        if contract.role == "encoder":
+            feed = reference.encoder_input()
+            ref = reference.encoder_reference(sam, feed)
+            embeddings = ref["image_embeddings"]  # the decoder is checked on real embeddings
+            checks[contract.name] = {"random image": (feed, ref)}
+        else:
+            checks[contract.name] = {
+                p.name: (reference.decoder_feed(contract, embeddings, p),
+                         reference.decoder_reference(sam, contract, embeddings, p))
+                for p in reference.PROMPTS
+            }
+    return checks
+
+
+def _export_encoder(sam, contract: GraphContract, path: Path, opset: int) -> None:
+    """torch.export-based exporter with external data: the only one that fits vit_h in memory."""
+    (spec,) = contract.inputs
+    example = torch.zeros(spec.shape, dtype=torch.float32)
+    with _quiet(), graphs.chunked_attention(graphs.EXPORT_CHUNK_ELEMENTS):
+        torch.onnx.export(sam.image_encoder, (example,), str(path), dynamo=True,
+                          external_data=True, opset_version=opset,
+                          input_names=list(contract.input_names),
+                          output_names=list(contract.output_names))
+
+
+def _export_decoder(sam, contract: GraphContract, path: Path, opset: int) -> None:
+    """TorchScript exporter: it keeps the upscale to ``orig_im_size`` dynamic, as
+    segment-anything's own export script relies on."""
+    feed = reference.decoder_feed(contract, reference.random_embeddings(), reference.PROMPTS[0])
+    args = tuple(torch.from_numpy(feed[name]) for name in contract.input_names)
+    with _quiet():
+        torch.onnx.export(graphs.decoder_module(contract.name, sam), args, str(path), dynamo=False,
+                          opset_version=opset, do_constant_folding=True,
+                          input_names=list(contract.input_names),
+                          output_names=list(contract.output_names),
+                          dynamic_axes=contract.dynamic_axes())
+
+
+_EXPORTERS = {"encoder": _export_encoder, "decoder": _export_decoder}
+_EXPORTER_NAMES = {"encoder": "torch.onnx.export(dynamo=True)",
+                   "decoder": "torch.onnx.export(dynamo=False)"}
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporters print progress and deprecation chatter; keep it in the debug log."""
+    buf = io.StringIO()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+        warnings.simplefilter("ignore")
+        yield
+    if buf.getvalue():
+        log.debug("%s", buf.getvalue())
+
+
+def _simplify(path: Path) -> None:
+    import onnxsim
+
+    if has_external_data(path):
+        log.info("--simplify skipped for %s: onnxsim needs the whole graph in one protobuf "
+                 "under 2 GB", path.name)
+        return
+    model, ok = onnxsim.simplify(onnx.load(str(path)))
+    if not ok:
+        raise SamOnnxError(f"onnxsim could not verify the simplified {path.name}; "
+                           "export again without --simplify")
+    onnx.save(model, str(path))
