@@ -10,12 +10,17 @@ from .errors import CheckpointError, ParityError, SamOnnxError
 
 __version__ = "0.1.0"
 __all__ = ["CONTRACTS", "DECODER_CONTRACTS", "ENCODER", "GraphContract", "TensorSpec",
-           "SamOnnxError", "CheckpointError", "ParityError", "export"]
+           "SamOnnxError", "CheckpointError", "ParityError", "export", "validate",
+           "validate_pair", "Report"]
 
 
 def __getattr__(name):
-    if name == "export":  # imports torch: only when asked for
+    if name == "export":
         from .exporter import export
 
         return export
+    if name in ("validate", "validate_pair", "Report"):
+        from . import validator
+
+        return getattr(validator, name)
     raise AttributeError(f"module 'sam_onnx' has no attribute {name!r}")

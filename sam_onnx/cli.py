@@ -74,5 +74,42 @@ def export(**options) -> None:
                    "masks from these graphs mean nothing")
 
 
+@main.command()
+@click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--feed", help="A contract name (official, lowres), a .json description of "
+              "names/dtypes/shapes, or an .npz of arrays.")
+@click.option("--run", "run_", is_flag=True, help="Also run one inference (loads the weights).")
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text",
+              show_default=True)
+@_expected_errors
+def validate(models, feed, run_, fmt) -> None:
+    """Say how MODELS and a feed don't fit, before anything runs.
+
+    Exit code 0: no errors; 1: errors; 2: a file could not be read or bad arguments.
+    With an encoder and a decoder, also check that one's output fits the other.
+    """
+    from . import validator
+    from .findings import Report
+
+    report, protos = Report(), []
+    for model in models:
+        one = validator.validate(model, feed=feed, run=run_)
+        report.extend(one)
+        if not set(one.codes()) & validator.UNREADABLE:
+            import onnx
+
+            protos.append((str(model), onnx.load(str(model), load_external_data=False)))
+    if len(protos) == 2:
+        (na, a), (nb, b) = protos
+        if "image_embeddings" in {i.name for i in a.graph.input}:  # decoder given first
+            (na, a), (nb, b) = (nb, b), (na, a)
+        report.extend(validator.validate_pair(a, b, (na, nb)))
+    click.echo({"text": report.to_text, "json": report.to_json,
+                "github": report.to_github}[fmt]())
+    if set(report.codes()) & validator.UNREADABLE:
+        sys.exit(2)
+    sys.exit(0 if report.ok else 1)
+
+
 if __name__ == "__main__":
     main()

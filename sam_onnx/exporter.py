@@ -12,6 +12,9 @@ import concurrent.futures
 import json
 import logging
 import multiprocessing
+import os
+import signal
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -129,7 +132,8 @@ def _run_torch_half(job: dict, isolate: bool):
         return _torch_half(job, None)
     level = logging.getLogger("sam_onnx").getEffectiveLevel()
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, initializer=_die_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
         try:
             return pool.submit(_torch_half, job, level).result()
         except concurrent.futures.process.BrokenProcessPool:
@@ -139,10 +143,19 @@ def _run_torch_half(job: dict, isolate: bool):
             ) from None
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """A killed export must not leave its worker holding the model: on Linux the kernel
+    kills the worker when this process dies."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
 def _torch_half(job: dict, log_level: Optional[int]):
     """Entry point of the child process; imports torch there, never here."""
-    import sys
-
     from .torch_export import Job, run
 
     if log_level is not None:

@@ -77,8 +77,12 @@ def read(model: onnx.ModelProto) -> Dict:
 
 
 def recorded_contract(model: onnx.ModelProto) -> Optional[GraphContract]:
+    """The contract the exporter recorded, or None when absent or unreadable."""
     spec = read(model).get("contract_spec")
-    return GraphContract.from_dict(spec) if isinstance(spec, dict) else None
+    try:
+        return GraphContract.from_dict(spec) if isinstance(spec, dict) else None
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def stamp(path: Path, contract: GraphContract, record: Dict) -> None:

@@ -11,7 +11,11 @@ from .contracts import GraphContract, TensorSpec
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
     t = value.type.tensor_type
-    dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name if t.elem_type else "undefined"
+    try:
+        dtype = helper.tensor_dtype_to_np_dtype(t.elem_type).name
+    except (KeyError, ValueError, TypeError):  # undefined or not a numpy type (e.g. bfloat16)
+        dtype = onnx.TensorProto.DataType.Name(t.elem_type) if t.elem_type in \
+            onnx.TensorProto.DataType.values() else "undefined"
     shape = tuple(
         d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in t.shape.dim
     )

@@ -1,3 +1,4 @@
+import glob
 import json
 import os
 import signal
@@ -164,9 +165,34 @@ def test_a_killed_export_process_leaves_no_final_file(tmp_path):
                   for p in s.iterdir()):
         assert time.time() < deadline and proc.poll() is None, "export never staged a graph"
         time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert workers, "the export should run its PyTorch half in a worker process"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert _final_files(tmp_path) == []
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{pid}") and not _is_zombie(pid) for pid in workers):
+        assert time.time() < deadline, "the worker outlived the killed export"
+        time.sleep(0.1)
+
+
+def _children(pid):
+    out = []
+    for stat in glob.glob("/proc/[0-9]*/stat"):
+        try:
+            fields = open(stat).read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.split("/")[2]))
+    return out
+
+
+def _is_zombie(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def test_nothing_to_export_is_refused():
