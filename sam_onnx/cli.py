@@ -111,5 +111,49 @@ def validate(models, feed, run_, fmt) -> None:
     sys.exit(0 if report.ok else 1)
 
 
+def _pairs(ctx, param, values):
+    try:
+        return dict(v.split("=", 1) for v in values)
+    except ValueError:
+        raise click.BadParameter("use OLD=NEW, e.g. --rename images=image") from None
+
+
+@main.command()
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the result.")
+@click.option("--in-place", is_flag=True, help="Overwrite MODEL (a .bak copy is kept).")
+@click.option("--rename", multiple=True, callback=_pairs, help="OLD=NEW input/output name.")
+@click.option("--dynamic-points", is_flag=True, help="Make the point axis dynamic (num_points).")
+@click.option("--drop-initializer-inputs", is_flag=True,
+              help="Stop listing initializers as graph inputs.")
+@click.option("--ir-version", type=int, help="Lower the IR version (e.g. to the runtime's).")
+@click.option("--opset", type=int, help="Convert to this opset.")
+@click.option("--external-data/--no-external-data", default=None,
+              help="Keep weights in a .data file beside the graph, or inside it (under 2 GB).")
+@click.option("--simplify", is_flag=True, help="Simplify with onnxsim.")
+@click.option("--fp16", is_flag=True, help="float16 weights and compute, float32 inputs/outputs.")
+@click.option("--contract", type=click.Choice(["official", "lowres"]),
+              help="Adapt a decoder to this contract (add or remove has_mask_input, "
+                   "orig_im_size and the upscaling).")
+@click.option("--auto", "auto", is_flag=True, help="Apply what makes the graph take --feed.")
+@click.option("--feed", help="With --auto: the contract whose feed the graph must take.")
+@_expected_errors
+def repair(model, output, in_place, rename, auto, feed, **fixes) -> None:
+    """Rewrite MODEL with named passes, validate and run the result, and compare it with the
+    original where the passes keep the function."""
+    from .repair import repair as run_repair
+
+    if auto and not feed:
+        raise click.UsageError("--auto needs --feed CONTRACT (e.g. --feed official)")
+    result = run_repair(model, output, rename=rename or None, in_place=in_place,
+                        auto_feed=feed if auto else None, **fixes)
+    for change in result.changes:
+        click.echo(f"changed  {change}")
+    if result.parity is not None:
+        click.echo(f"parity   {result.parity.summary()}")
+    click.echo(result.report.to_text())
+    click.echo(f"wrote    {result.output}")
+
+
 if __name__ == "__main__":
     main()

@@ -144,7 +144,8 @@ ENCODER = GraphContract(
         ),
     ),
     outputs=(_IMAGE_EMBEDDINGS,),
-    tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "int8": Tolerance(atol=0.0, rtol=0.25)},
+    tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "fp16": Tolerance(atol=1e-3, rtol=0.02),
+                "int8": Tolerance(atol=0.0, rtol=0.25)},
 )
 
 DECODER_OFFICIAL = GraphContract(
@@ -170,7 +171,8 @@ DECODER_OFFICIAL = GraphContract(
         _IOU_PREDICTIONS,
         _LOW_RES_MASKS,
     ),
-    tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "int8": Tolerance(atol=0.0, rtol=0.25)},
+    tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "fp16": Tolerance(atol=1e-3, rtol=0.02),
+                "int8": Tolerance(atol=0.0, rtol=0.25)},
 )
 
 DECODER_LOWRES = GraphContract(

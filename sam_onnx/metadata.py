@@ -16,7 +16,7 @@ from pathlib import Path
 from .contracts import PREPROCESS, GraphContract
 
 PREFIX = "sam_onnx."
-_JSON_KEYS = {"contract_spec", "preprocess", "versions"}
+_JSON_KEYS = {"contract_spec", "preprocess", "versions", "repairs"}
 
 
 def provenance(contract: GraphContract, *, model_type: str, weights_source: str,

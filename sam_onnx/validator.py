@@ -11,13 +11,12 @@ import functools
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import onnx
 from onnx import helper
 
 from . import feeds as feeds_
 from . import metadata, signature
-from .contracts import CONTRACTS, GraphContract
+from .contracts import CONTRACTS
 from .findings import Finding, Report
 
 ModelSource = Union[str, Path, onnx.ModelProto]

@@ -1,0 +1,250 @@
+"""Graph-to-graph repair passes. Each edits a ModelProto in place and returns what it changed
+(an empty list: nothing to do). ``PRESERVES_FUNCTION`` says which passes must leave the
+outputs unchanged, so ``repair`` compares them with the original's."""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import onnx
+from onnx import TensorProto, helper
+
+from .contracts import DECODER_LOWRES, DECODER_OFFICIAL, IMAGE_SIZE
+from .errors import SamOnnxError
+
+POINT_INPUTS = ("point_coords", "point_labels")
+
+
+def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                _rename_everywhere(sub, old, new)
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def rename(model: onnx.ModelProto, mapping: Dict[str, str]) -> List[str]:
+    """Rename graph inputs/outputs: ``{"images": "image"}``."""
+    io = [v.name for v in list(model.graph.input) + list(model.graph.output)]
+    changes = []
+    for old, new in mapping.items():
+        if old not in io:
+            raise SamOnnxError(f"--rename {old}={new}: the graph has no input or output {old}; "
+                               f"it has {', '.join(io)}")
+        if new in io:
+            raise SamOnnxError(f"--rename {old}={new}: {new} already exists in the graph")
+        _rename_everywhere(model.graph, old, new)
+        changes.append(f"renamed {old} to {new}")
+    return changes
+
+
+def dynamic_points(model: onnx.ModelProto) -> List[str]:
+    """Make the point axis of point_coords/point_labels the symbolic ``num_points``."""
+    changes = []
+    for value in model.graph.input:
+        if value.name in POINT_INPUTS:
+            dim = value.type.tensor_type.shape.dim[1]
+            if not dim.HasField("dim_param") or dim.dim_param != "num_points":
+                before = dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+                dim.Clear()
+                dim.dim_param = "num_points"
+                changes.append(f"{value.name} axis 1: {before} -> num_points")
+    if changes:  # inferred shapes inside the graph may still say the old size
+        del model.graph.value_info[:]
+    return changes
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> List[str]:
+    init = {i.name for i in model.graph.initializer}
+    dropped = [v.name for v in model.graph.input if v.name in init]
+    kept = [v for v in model.graph.input if v.name not in init]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return [f"dropped {len(dropped)} initializer(s) listed as inputs"] if dropped else []
+
+
+def _min_ir_for_opset(opset: int) -> int:
+    return min(ir for _, ir, ops, *_ in helper.VERSION_TABLE if ops >= opset)
+
+
+def set_ir_version(model: onnx.ModelProto, ir: int) -> List[str]:
+    if model.ir_version <= ir:
+        return []
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=1)
+    if ir < _min_ir_for_opset(opset):
+        raise SamOnnxError(f"IR version {ir} cannot hold opset {opset} (needs IR "
+                           f"{_min_ir_for_opset(opset)}); lower the opset too: --opset N")
+    before, model.ir_version = model.ir_version, ir
+    return [f"IR version {before} -> {ir}"]
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx's version converter; returns the converted model (it builds a new one)."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:
+        raise SamOnnxError(f"onnx cannot convert this graph to opset {opset}: "
+                           f"{str(exc).splitlines()[0]}; export it again with --opset "
+                           f"{opset}") from None
+
+
+def to_official(model: onnx.ModelProto) -> List[str]:
+    """A 4-input ``lowres`` decoder becomes the 6-input ``official`` one: has_mask_input gates
+    mask_input, and the low-res logits are upscaled to 1024, cropped to the resized image and
+    resized to orig_im_size inside the graph, as segment-anything's decoder does."""
+    g = model.graph
+    names = {v.name for v in g.input}
+    if names != set(DECODER_LOWRES.input_names):
+        raise SamOnnxError("only a lowres decoder (image_embeddings, point_coords, point_labels, "
+                           "mask_input) can be adapted to the official contract")
+    if {"low_res_masks", "iou_predictions"} - {o.name for o in g.output}:
+        raise SamOnnxError("the decoder's outputs must be named low_res_masks and "
+                           "iou_predictions first: --rename OLD=low_res_masks")
+    _rename_everywhere(g, "mask_input", "mask_input_gated")
+    for v in g.input:  # the graph input keeps its public name
+        if v.name == "mask_input_gated":
+            v.name = "mask_input"
+    g.input.extend([helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.shape))
+                    for t in DECODER_OFFICIAL.inputs[4:]])
+    c = lambda name, values, dtype=TensorProto.INT64: helper.make_tensor(  # noqa: E731
+        name, dtype, [len(values)], values)
+    g.initializer.extend([
+        c("sam_onnx_full", [1, 4, IMAGE_SIZE, IMAGE_SIZE]),
+        c("sam_onnx_image_size", [float(IMAGE_SIZE)], TensorProto.FLOAT),
+        c("sam_onnx_half", [0.5], TensorProto.FLOAT),
+        c("sam_onnx_zeros2", [0, 0]), c("sam_onnx_axes23", [2, 3]), c("sam_onnx_b4", [1, 4]),
+    ])
+    n = helper.make_node
+    nodes = [
+        n("Mul", ["mask_input", "has_mask_input"], ["mask_input_gated"]),
+        n("Resize", ["low_res_masks", "", "", "sam_onnx_full"], ["sam_onnx_up"], mode="linear",
+          coordinate_transformation_mode="pytorch_half_pixel"),
+        n("ReduceMax", ["orig_im_size"], ["sam_onnx_long"], keepdims=1),
+        n("Div", ["sam_onnx_image_size", "sam_onnx_long"], ["sam_onnx_scale"]),
+        n("Mul", ["orig_im_size", "sam_onnx_scale"], ["sam_onnx_scaled"]),
+        n("Add", ["sam_onnx_scaled", "sam_onnx_half"], ["sam_onnx_rounded"]),
+        n("Floor", ["sam_onnx_rounded"], ["sam_onnx_floor"]),
+        n("Cast", ["sam_onnx_floor"], ["sam_onnx_prepadded"], to=TensorProto.INT64),
+        n("Slice", ["sam_onnx_up", "sam_onnx_zeros2", "sam_onnx_prepadded", "sam_onnx_axes23"],
+          ["sam_onnx_cropped"]),
+        n("Cast", ["orig_im_size"], ["sam_onnx_orig"], to=TensorProto.INT64),
+        n("Concat", ["sam_onnx_b4", "sam_onnx_orig"], ["sam_onnx_out_size"], axis=0),
+        n("Resize", ["sam_onnx_cropped", "", "", "sam_onnx_out_size"], ["masks"], mode="linear",
+          coordinate_transformation_mode="pytorch_half_pixel"),
+    ]
+    g.node.insert(0, nodes[0])
+    g.node.extend(nodes[1:])
+    outputs = {o.name: o for o in g.output}
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("masks", TensorProto.FLOAT,
+                                                   list(DECODER_OFFICIAL.outputs[0].shape)),
+                     outputs["iou_predictions"], outputs["low_res_masks"]])
+    return ["added has_mask_input (gates mask_input) and orig_im_size",
+            "added upscale-and-crop to orig_im_size: output masks"]
+
+
+def to_lowres(model: onnx.ModelProto) -> List[str]:
+    """An ``official`` decoder becomes the 4-input ``lowres`` one for wrappers that feed 4:
+    has_mask_input is computed from mask_input (any non-zero value), orig_im_size is fixed, and
+    the upscaled masks output is dropped with the nodes only it used."""
+    g = model.graph
+    if {v.name for v in g.input} != set(DECODER_OFFICIAL.input_names):
+        raise SamOnnxError("only an official decoder can be adapted to the lowres contract")
+    kept = [v for v in g.input if v.name in DECODER_LOWRES.input_names]
+    del g.input[:]
+    g.input.extend(kept)
+    n = helper.make_node
+    g.initializer.extend([helper.make_tensor("sam_onnx_zero", TensorProto.FLOAT, [], [0.0]),
+                          helper.make_tensor("orig_im_size", TensorProto.FLOAT, [2],
+                                             [float(IMAGE_SIZE)] * 2)])
+    prologue = [
+        n("Abs", ["mask_input"], ["sam_onnx_abs"]),
+        n("ReduceMax", ["sam_onnx_abs"], ["sam_onnx_max"], keepdims=0),
+        n("Greater", ["sam_onnx_max", "sam_onnx_zero"], ["sam_onnx_any"]),
+        n("Cast", ["sam_onnx_any"], ["sam_onnx_any_f"], to=TensorProto.FLOAT),
+        n("Unsqueeze", ["sam_onnx_any_f", "sam_onnx_axis0"], ["has_mask_input"]),
+    ]
+    g.initializer.append(helper.make_tensor("sam_onnx_axis0", TensorProto.INT64, [1], [0]))
+    for node in reversed(prologue):
+        g.node.insert(0, node)
+    outputs = {o.name: o for o in g.output}
+    del g.output[:]
+    g.output.extend([outputs["low_res_masks"], outputs["iou_predictions"]])
+    _prune(g)
+    return ["has_mask_input computed from mask_input; orig_im_size fixed at 1024x1024",
+            "dropped the masks output and its upscaling"]
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Remove nodes and initializers no graph output depends on."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+            for attr in node.attribute:
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    needed.update(_outer_names(sub))
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def _outer_names(graph: onnx.GraphProto) -> set:
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _outer_names(sub)
+    return names
+
+
+def fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and compute in float16, inputs and outputs still float32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(model, keep_io_types=True)
+    _toposort(model.graph)  # the converter appends its input Casts after their consumers
+    return model
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Order nodes so each follows the nodes producing its inputs (original order otherwise)."""
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {o: i for i, node in enumerate(nodes) for o in node.output}
+    waiting = [len({producer[x] for x in node.input if producer.get(x, i) != i})
+               for i, node in enumerate(nodes)]
+    users: Dict[int, List[int]] = {}
+    for i, node in enumerate(nodes):
+        for j in {producer[x] for x in node.input if producer.get(x, i) != i}:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users.get(i, []):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        raise SamOnnxError("the graph has a cycle; it cannot be repaired")
+    sorted_nodes = [onnx.NodeProto.FromString(nodes[i].SerializeToString()) for i in order]
+    del graph.node[:]
+    graph.node.extend(sorted_nodes)
+
+
+PRESERVES_FUNCTION = {"rename", "dynamic_points", "drop_initializer_inputs", "ir_version",
+                      "opset", "external_data", "simplify", "to_official", "to_lowres"}

@@ -1,0 +1,215 @@
+"""Every repair pass, before and after, on graphs from small exports."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+import sam_onnx
+from sam_onnx import feeds, metadata, validator
+from sam_onnx.contracts import DECODER_LOWRES, DECODER_OFFICIAL
+from sam_onnx.errors import SamOnnxError
+from sam_onnx.repair import repair
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def decoders(tmp_path_factory):
+    """An official and a lowres decoder with the same random weights."""
+    out = tmp_path_factory.mktemp("decoders")
+    for contract in ("official", "lowres"):
+        sam_onnx.export("tiny", random_weights=True, out_dir=out, encoder=False,
+                        decoder_contract=contract, isolate=False)
+    return {"official": out / "tiny_decoder_official.onnx",
+            "lowres": out / "tiny_decoder_lowres.onnx"}
+
+
+def _broken(src, tmp_path, change, name="broken.onnx"):
+    model = onnx.load(str(src))
+    change(model)
+    path = tmp_path / name
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def _rename_input(old, new):
+    def change(model):
+        for value in model.graph.input:
+            if value.name == old:
+                value.name = new
+        for node in model.graph.node:
+            node.input[:] = [new if i == old else i for i in node.input]
+    return change
+
+
+def _run(path, arrays):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    return dict(zip([o.name for o in session.get_outputs()],
+                    session.run(None, {n: arrays[n] for n in names})))
+
+
+def _prompt(size=(534, 800), has_mask=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    arrays = feeds.example_arrays(DECODER_OFFICIAL)
+    arrays["image_embeddings"] = rng.standard_normal((1, 256, 64, 64)).astype(np.float32)
+    arrays["point_coords"] = np.array([[[500.0, 300.0], [0.0, 0.0]]], np.float32)
+    arrays["mask_input"] = (rng.standard_normal((1, 1, 256, 256)) * has_mask).astype(np.float32)
+    arrays["has_mask_input"][:] = has_mask
+    arrays["orig_im_size"] = np.array(size, np.float32)
+    return arrays
+
+
+def test_rename(decoders, tmp_path):
+    broken = _broken(decoders["official"], tmp_path, _rename_input("point_labels", "labels"))
+    assert not validator.validate(broken, feed="official").ok
+    result = repair(broken, tmp_path / "fixed.onnx", rename={"labels": "point_labels"})
+    assert result.changes == ["rename: renamed labels to point_labels"]
+    assert validator.validate(result.output, feed="official").ok
+    assert result.parity.passed and result.parity.worst.max_abs_err == 0.0
+
+
+def test_dynamic_points(decoders, tmp_path):
+    def static(model):
+        for value in model.graph.input:
+            if value.name in ("point_coords", "point_labels"):
+                value.type.tensor_type.shape.dim[1].dim_value = 5
+
+    broken = _broken(decoders["official"], tmp_path, static)
+    assert "SAM024" in validator.validate(broken, feed="official").codes()
+    result = repair(broken, tmp_path / "fixed.onnx", dynamic_points=True)
+    assert validator.validate(result.output, feed="official").ok
+    assert result.parity.passed
+
+
+def test_drop_initializer_inputs(decoders, tmp_path):
+    def old_exporter(model):
+        init = model.graph.initializer[0]
+        model.graph.input.append(onnx.helper.make_tensor_value_info(
+            init.name, init.data_type, list(init.dims)))
+
+    broken = _broken(decoders["official"], tmp_path, old_exporter)
+    assert "SAM026" in validator.validate(broken).codes()
+    result = repair(broken, tmp_path / "fixed.onnx", drop_initializer_inputs=True)
+    assert "SAM026" not in validator.validate(result.output).codes() and result.parity.passed
+
+
+def test_lower_ir_version(decoders, tmp_path):
+    max_ir, _ = validator.runtime_limits()
+
+    def bump(model):
+        model.ir_version = max_ir + 1
+
+    broken = _broken(decoders["official"], tmp_path, bump)
+    assert "SAM010" in validator.validate(broken).codes()
+    proc = run_cli("repair", broken, "-o", tmp_path / "fixed.onnx", "--ir-version", max_ir)
+    assert proc.returncode == 0, proc.stderr
+    assert onnx.load(str(tmp_path / "fixed.onnx")).ir_version == max_ir
+    assert "outputs not compared" in proc.stdout  # the runtime cannot load the original
+
+
+def test_convert_opset(decoders, tmp_path):
+    result = repair(decoders["official"], tmp_path / "op17.onnx", opset=17)
+    model = onnx.load(str(result.output))
+    assert [o.version for o in model.opset_import if o.domain == ""] == [17]
+    assert result.parity.passed
+
+
+def test_to_and_from_external_data(decoders, tmp_path):
+    external = repair(decoders["official"], tmp_path / "ext.onnx", external_data=True)
+    assert (tmp_path / "ext.onnx.data").stat().st_size > 10_000_000
+    assert (tmp_path / "ext.onnx").stat().st_size < 1_000_000 and external.parity.passed
+    inline = repair(tmp_path / "ext.onnx", tmp_path / "inline.onnx", external_data=False)
+    assert not (tmp_path / "inline.onnx.data").exists() and inline.parity.passed
+
+
+def test_simplify(decoders, tmp_path):
+    result = repair(decoders["official"], tmp_path / "simple.onnx", simplify=True)
+    assert result.parity.passed
+    assert len(onnx.load(str(result.output)).graph.node) <= \
+        len(onnx.load(str(decoders["official"])).graph.node)
+
+
+def test_fp16_keeps_float32_inputs_and_outputs(decoders, tmp_path):
+    result = repair(decoders["official"], tmp_path / "fp16.onnx", fp16=True)
+    model = onnx.load(str(result.output))
+    assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in model.graph.input)
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+    assert result.parity.precision == "fp16" and result.parity.passed
+    assert validator.validate(result.output, feed="official").ok
+
+
+def test_lowres_to_official_matches_the_exported_official_decoder(decoders, tmp_path):
+    result = repair(decoders["lowres"], tmp_path / "official.onnx", contract="official")
+    assert metadata.read(onnx.load(str(result.output)))["contract"] == "official"
+    for size, has_mask in (((534, 800), 1.0), ((100, 3000), 0.0)):
+        arrays = _prompt(size, has_mask)
+        got, want = _run(result.output, arrays), _run(decoders["official"], arrays)
+        assert got["masks"].shape == (1, 4, *size)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-5)
+
+
+def test_official_to_lowres_matches_the_exported_lowres_decoder(decoders, tmp_path):
+    result = repair(decoders["official"], tmp_path / "lowres.onnx", contract="lowres")
+    assert validator.validate(result.output, feed="lowres").ok
+    for has_mask in (1.0, 0.0):
+        arrays = _prompt(has_mask=has_mask)
+        got, want = _run(result.output, arrays), _run(decoders["lowres"], arrays)
+        assert set(got) == set(DECODER_LOWRES.output_names)
+        for name in want:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-5)
+
+
+def test_auto_makes_a_four_input_graph_take_the_official_feed(decoders, tmp_path):
+    def renamed_and_static(model):
+        _rename_input("point_coords", "point_coord")(model)
+        for value in model.graph.input:
+            if value.name in ("point_coord", "point_labels"):
+                value.type.tensor_type.shape.dim[1].dim_value = 3
+
+    broken = _broken(decoders["lowres"], tmp_path, renamed_and_static)
+    proc = run_cli("repair", broken, "-o", tmp_path / "auto.onnx", "--auto", "--feed", "official")
+    assert proc.returncode == 0, proc.stderr
+    assert "renamed point_coord to point_coords" in proc.stdout
+    assert "to_official" in proc.stdout and "num_points" in proc.stdout
+    report = validator.validate(tmp_path / "auto.onnx", feed="official", run=True)
+    assert report.ok and "matches the official contract" in report.to_text()
+
+
+def test_the_input_is_never_overwritten_unless_in_place(decoders, tmp_path):
+    src = tmp_path / "d.onnx"
+    src.write_bytes(decoders["official"].read_bytes())
+    proc = run_cli("repair", src, "-o", src, "--opset", "17")
+    assert proc.returncode == 1 and "--in-place" in proc.stderr
+    before = src.read_bytes()
+    proc = run_cli("repair", src, "--in-place", "--opset", "17")
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "d.onnx.bak").read_bytes() == before and src.read_bytes() != before
+
+
+def test_a_failed_repair_writes_nothing(decoders, tmp_path):
+    with pytest.raises(SamOnnxError, match="only an official decoder"):
+        repair(decoders["lowres"], tmp_path / "out.onnx", contract="lowres")
+    with pytest.raises(SamOnnxError, match="no input or output nope"):
+        repair(decoders["official"], tmp_path / "out.onnx", rename={"nope": "x"})
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("args, words", [
+    ([], "nothing to repair"),
+    (["--rename", "broken"], "use OLD=NEW"),
+    (["--auto"], "--auto needs --feed"),
+])
+def test_bad_repair_arguments(decoders, tmp_path, args, words):
+    proc = run_cli("repair", decoders["official"], "-o", tmp_path / "o.onnx", *args)
+    assert proc.returncode in (1, 2) and words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_repair_reports_in_json_free_text(decoders, tmp_path):
+    proc = run_cli("repair", decoders["lowres"], "-o", tmp_path / "o.onnx", "--contract",
+                   "official")
+    assert proc.returncode == 0 and "parity" in proc.stdout
+    assert json.loads(run_cli("validate", tmp_path / "o.onnx", "--format", "json").stdout)["ok"]
