@@ -155,5 +155,81 @@ def repair(model, output, in_place, rename, auto, feed, **fixes) -> None:
     click.echo(f"wrote    {result.output}")
 
 
+@main.command()
+def doctor() -> None:
+    """Print packages, available vs working providers (and why), CPU features, threads."""
+    from .doctor import report
+
+    click.echo(report())
+
+
+def _floats(text: str, n: tuple, what: str):
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) not in n:
+        raise click.BadParameter(f"{what} takes {' or '.join(map(str, n))} comma-separated "
+                                 f"numbers, got {text!r}")
+    return values
+
+
+@main.command()
+@click.argument("image", type=click.Path(path_type=Path))
+@click.option("--encoder", type=click.Path(path_type=Path), required=True)
+@click.option("--decoder", type=click.Path(path_type=Path), required=True)
+@click.option("--point", "points", multiple=True, help="X,Y[,LABEL] in image pixels; LABEL "
+              "1 foreground (default), 0 background. Repeatable.")
+@click.option("--box", help="X0,Y0,X1,Y1 in image pixels.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("mask.png"),
+              show_default=True, help="The best mask as a black-and-white PNG.")
+@click.option("--overlay", type=click.Path(path_type=Path), help="The image with the mask and "
+              "prompts drawn on it.")
+@click.option("--json", "as_json", is_flag=True, help="Print scores, areas and boxes as JSON.")
+@click.option("--providers", default="cuda,cpu", show_default=True)
+@_expected_errors
+def predict(image, encoder, decoder, points, box, out, overlay, as_json, providers) -> None:
+    """Segment IMAGE from point and/or box prompts; write the mask and an overlay."""
+    import json
+
+    import numpy as np
+
+    from .images import load_image
+    from .predictor import SamOnnxPredictor
+    from .render import save_mask, save_overlay
+    from .sessions import SessionConfig
+
+    if not points and not box:
+        raise click.UsageError("give a prompt: --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1")
+    parsed = [_floats(p, (2, 3), "--point") for p in points]
+    coords = np.array([p[:2] for p in parsed]) if parsed else None
+    labels = np.array([p[2] if len(p) == 3 else 1.0 for p in parsed]) if parsed else None
+    box_arr = np.array(_floats(box, (4,), "--box")) if box else None
+    predictor = SamOnnxPredictor(encoder, decoder,
+                                 SessionConfig(providers=tuple(providers.split(","))))
+    rgb = load_image(image)
+    predictor.set_image(rgb)
+    masks, scores, _ = predictor.predict(coords, labels, box_arr,
+                                         multimask_output=box_arr is None and len(parsed) == 1)
+    best = int(np.argmax(scores))
+    save_mask(masks[best], out)
+    if overlay:
+        save_overlay(rgb, masks[best], overlay, coords, labels, box_arr)
+    summary = {"image": str(image), "mask": str(out), "overlay": str(overlay) if overlay else None,
+               "best": best, "providers": predictor.decoder.active,
+               "masks": [{"score": float(s), "area": int(m.sum()),
+                          "bbox": _bbox(m)} for m, s in zip(masks, scores)]}
+    click.echo(json.dumps(summary, indent=2) if as_json else
+               f"wrote {out} (mask {best}, score {scores[best]:.3f}, area {int(masks[best].sum())} px)")
+
+
+def _bbox(mask) -> list:
+    import numpy as np
+
+    ys, xs = np.nonzero(mask)
+    return [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+            int(ys.max() - ys.min() + 1)] if len(xs) else [0, 0, 0, 0]
+
+
 if __name__ == "__main__":
     main()

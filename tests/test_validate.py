@@ -1,6 +1,7 @@
 """The validator against a corpus of broken graphs built from small exports."""
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -271,3 +272,9 @@ def test_fuzzed_model_bytes_never_raise(tmp_path, data):
     report = validator.validate(path, feed="official")
     assert report.findings
     assert all(f.code in validator.RULES for f in report.findings)
+
+
+def test_every_rule_is_documented():
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "validate-and-repair.md").read_text()
+    for rule in validator.RULES.values():
+        assert f"| `{rule.code}` | {rule.name} | {rule.severity} |" in doc

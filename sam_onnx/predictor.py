@@ -1,0 +1,194 @@
+"""``SamOnnxPredictor``: segment_anything's SamPredictor on ONNX Runtime, without torch.
+
+The decoder's contract is read from the graph (the metadata the exporter records, else its
+inputs and outputs) and the feed is built for exactly that contract; a feed the graph would
+refuse is refused first, with the validator's finding.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional, Tuple, Union
+
+import numpy as np
+import onnx
+
+from . import metadata, signature, transforms
+from .contracts import CONTRACTS, MASK_INPUT_SIZE, MASK_THRESHOLD, GraphContract
+from .errors import SamOnnxError
+from .feeds import from_arrays
+from .images import ImageLike, load_image
+from .sessions import Session, SessionConfig, create
+from .validator import check_feed
+
+PathLike = Union[str, Path]
+
+
+def graph_contract(path: PathLike) -> GraphContract:
+    """The contract a graph follows: recorded by the exporter, else matched by its signature."""
+    model = onnx.load(str(path), load_external_data=False)
+    recorded = metadata.recorded_contract(model)
+    if recorded is not None and not signature.mismatches(model, recorded):
+        return recorded
+    for contract in CONTRACTS.values():
+        if not signature.mismatches(model, contract):
+            return contract
+    nearest = min(CONTRACTS.values(), key=lambda c: len(signature.mismatches(model, c)))
+    raise SamOnnxError(
+        f"{Path(path).name} follows no known contract (nearest {nearest.name}: "
+        f"{'; '.join(signature.mismatches(model, nearest))}); run sam-onnx validate "
+        f"{path}, or sam-onnx repair --auto --feed {nearest.name}")
+
+
+class SamOnnxPredictor:
+    """Mirrors ``segment_anything.SamPredictor``: set_image once, predict many prompts."""
+
+    def __init__(self, encoder: Optional[PathLike], decoder: PathLike,
+                 config: SessionConfig = SessionConfig()) -> None:
+        self.decoder_contract = graph_contract(decoder)
+        if self.decoder_contract.role != "decoder":
+            raise SamOnnxError(f"{decoder} is an {self.decoder_contract.role}, not a decoder")
+        self.decoder: Session = create(decoder, config)
+        self.encoder: Optional[Session] = None
+        if encoder is not None:
+            if graph_contract(encoder).role != "encoder":
+                raise SamOnnxError(f"{encoder} is not an image encoder")
+            self.encoder = create(encoder, config)
+        self.reset_image()
+
+    # -- image ---------------------------------------------------------------------------
+    def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
+        """Compute the image embedding once; prompts then only run the decoder."""
+        if self.encoder is None:
+            raise SamOnnxError("this predictor has no encoder; load_embedding() instead")
+        rgb = load_image(image, image_format)
+        x, self.input_size = transforms.image_to_input(rgb)
+        self.original_size = rgb.shape[:2]
+        self.features = self.encoder.run(None, {self.encoder.input_names[0]: x})[0]
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> np.ndarray:
+        self._require_image()
+        return self.features
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features = None
+        self.original_size = self.input_size = None
+
+    def save_embedding(self, path: PathLike) -> None:
+        """Keep the encoder's work: an .npz that load_embedding() reads back."""
+        self._require_image()
+        np.savez(path, image_embeddings=self.features, original_size=self.original_size,
+                 input_size=self.input_size)
+
+    def load_embedding(self, path: PathLike) -> None:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                self.features = data["image_embeddings"]
+                self.original_size = tuple(int(v) for v in data["original_size"])
+                self.input_size = tuple(int(v) for v in data["input_size"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise SamOnnxError(f"cannot read embedding {path} ({exc}); write it with "
+                               "save_embedding()") from None
+        self.is_image_set = True
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise SamOnnxError("no image: call set_image() (or load_embedding()) before this")
+
+    # -- prompts -------------------------------------------------------------------------
+    def predict(self, point_coords: Optional[np.ndarray] = None,
+                point_labels: Optional[np.ndarray] = None, box: Optional[np.ndarray] = None,
+                mask_input: Optional[np.ndarray] = None, multimask_output: bool = True,
+                return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As SamPredictor.predict: (masks CxHxW, scores C, low-res logits Cx256x256)."""
+        self._require_image()
+        coords, labels = self._prompt(point_coords, point_labels, box)
+        feed = self._feed(coords, labels, mask_input)
+        problems = check_feed(self._decoder_model(), from_arrays(feed)).errors
+        if problems:
+            raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
+        outputs = dict(zip(self.decoder_contract.output_names, self.decoder.run(
+            list(self.decoder_contract.output_names), feed)))
+        low_res = outputs["low_res_masks"][0]
+        if "masks" in outputs:
+            masks = outputs["masks"][0]
+        else:  # the lowres contract leaves upscaling to the caller
+            masks = transforms.postprocess_masks(low_res, self.input_size, self.original_size)
+        picked = slice(1, None) if multimask_output else slice(0, 1)
+        masks, scores = masks[picked], outputs["iou_predictions"][0][picked]
+        low_res = low_res[picked]
+        if not return_logits:
+            masks = masks > MASK_THRESHOLD
+        return masks, scores, low_res
+
+    def _prompt(self, point_coords, point_labels, box):
+        h, w = self.original_size
+        parts, labels = [], []
+        if (point_coords is None) != (point_labels is None):
+            raise SamOnnxError("point_coords and point_labels go together: pass both or neither")
+        if point_coords is not None:
+            coords = np.asarray(point_coords, dtype=np.float64)
+            lab = np.asarray(point_labels, dtype=np.float64)
+            if coords.ndim != 2 or coords.shape[1] != 2 or lab.shape != (coords.shape[0],):
+                raise SamOnnxError(f"point_coords must be Nx2 and point_labels N; got "
+                                   f"{coords.shape} and {lab.shape}")
+            if not set(np.unique(lab)) <= {-1.0, 0.0, 1.0, 2.0, 3.0}:
+                raise SamOnnxError(f"point_labels must be -1..3 (1 foreground, 0 background); "
+                                   f"got {sorted(set(np.unique(lab)))}")
+            parts.append(coords)
+            labels.append(lab)
+        if box is not None:
+            b = np.asarray(box, dtype=np.float64).reshape(-1)
+            if b.shape != (4,):
+                raise SamOnnxError(f"box must be x0, y0, x1, y1; got shape "
+                                   f"{np.shape(box)}")
+            parts.append(b.reshape(2, 2))
+            labels.append(np.array([2.0, 3.0]))
+        if not parts:
+            raise SamOnnxError("give a prompt: point_coords with point_labels, and/or a box")
+        coords, lab = np.concatenate(parts), np.concatenate(labels)
+        if not np.isfinite(coords).all():
+            raise SamOnnxError("prompt coordinates contain NaN or Inf")
+        if (coords[:, 0] < -w).any() or (coords[:, 0] > 2 * w).any() or \
+                (coords[:, 1] < -h).any() or (coords[:, 1] > 2 * h).any():
+            raise SamOnnxError(f"prompt coordinates far outside the {w}x{h} image: "
+                               f"{coords.min(0).tolist()} .. {coords.max(0).tolist()}; they "
+                               "are (x, y) in the original image's pixels")
+        if box is None:  # SamPredictor pads with a point when there is no box
+            coords = np.concatenate([coords, [[0.0, 0.0]]])
+            lab = np.concatenate([lab, [-1.0]])
+        return transforms.apply_coords(coords, self.original_size), lab
+
+    def _feed(self, coords, labels, mask_input):
+        mask = np.zeros((1, 1, MASK_INPUT_SIZE, MASK_INPUT_SIZE), np.float32)
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            if m.shape not in ((1, MASK_INPUT_SIZE, MASK_INPUT_SIZE),
+                               (1, 1, MASK_INPUT_SIZE, MASK_INPUT_SIZE)):
+                raise SamOnnxError(f"mask_input must be 1x256x256 low-res logits (the third "
+                                   f"value predict() returns); got {m.shape}")
+            mask[...] = m.reshape(mask.shape)
+        values = {
+            "image_embeddings": self.features,
+            "point_coords": coords[None].astype(np.float32),
+            "point_labels": labels[None].astype(np.float32),
+            "mask_input": mask,
+            "has_mask_input": np.array([float(mask_input is not None)], np.float32),
+            "orig_im_size": np.array(self.original_size, np.float32),
+        }
+        return {name: values[name] for name in self.decoder_contract.input_names}
+
+    def _decoder_model(self) -> onnx.ModelProto:
+        if not hasattr(self, "_decoder_proto"):
+            self._decoder_proto = onnx.ModelProto()
+            for value in self.decoder.inner.get_inputs():  # the inputs are all check_feed reads
+                dims = [d if isinstance(d, int) else str(d) for d in value.shape]
+                self._decoder_proto.graph.input.append(onnx.helper.make_tensor_value_info(
+                    value.name, onnx.helper.np_dtype_to_tensor_dtype(
+                        np.dtype(_ORT_TYPES[value.type])), dims))
+        return self._decoder_proto
+
+
+_ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64",
+              "tensor(int32)": "int32", "tensor(float16)": "float16", "tensor(bool)": "bool"}

@@ -1,0 +1,44 @@
+"""Pictures a person can look at: a mask as PNG, and the image with mask and prompts."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import SamOnnxError
+
+
+def _save(img: Image.Image, path: Path) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    try:
+        img.save(tmp, format="PNG")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SamOnnxError(f"cannot write {path} ({exc.strerror or exc}); pick a writable "
+                           "path") from None
+
+
+def save_mask(mask: np.ndarray, path: Path) -> None:
+    _save(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)), path)
+
+
+def save_overlay(image: np.ndarray, mask: np.ndarray, path: Path,
+                 coords: Optional[np.ndarray] = None, labels: Optional[np.ndarray] = None,
+                 box: Optional[np.ndarray] = None) -> None:
+    """Blend the mask in blue, outline the box in green, points green (fg) / red (bg)."""
+    out = image.astype(np.float32)
+    out[mask] = 0.45 * out[mask] + 0.55 * np.array([30, 144, 255], np.float32)
+    img = Image.fromarray(out.round().astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    r = max(3, round(max(image.shape[:2]) / 150))
+    if box is not None:
+        draw.rectangle([float(v) for v in box], outline=(0, 220, 0), width=max(2, r // 2))
+    for (x, y), label in zip(coords if coords is not None else [],
+                             labels if labels is not None else []):
+        color = (0, 220, 0) if label == 1 else (230, 30, 30)
+        draw.ellipse([x - r, y - r, x + r, y + r], fill=color, outline=(255, 255, 255))
+    _save(img, path)

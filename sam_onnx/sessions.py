@@ -1,0 +1,192 @@
+"""The one place ONNX Runtime sessions are built: providers asked for, providers really used,
+and, when CUDA was asked for but the session runs on CPU, why.
+
+ONNX Runtime falls back to CPU with at most a log line; here the fallback is said once through
+``warnings`` (and ``logging``) with the reason found, or raised with ``strict=True``.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import io
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from ._ort import onnxruntime as ort
+from .errors import SamOnnxError
+
+log = logging.getLogger(__name__)
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+TENSORRT = "TensorrtExecutionProvider"
+PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
+_warned: set = set()
+
+
+class ProviderFallbackWarning(UserWarning):
+    """A GPU provider was asked for and the session runs on CPU."""
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """What users tune: providers (names like "cuda" or ONNX Runtime's), threads, graph
+    optimization level, and a folder caching optimized models so a second start is faster."""
+
+    providers: Sequence[str] = ("cuda", "cpu")
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    optimization: str = "all"  # disable, basic, extended, all
+    cache_dir: Optional[Path] = None
+    strict: bool = False  # raise instead of falling back to CPU
+
+
+@dataclass
+class Session:
+    """An InferenceSession with what was asked for and what runs."""
+
+    inner: "ort.InferenceSession"
+    requested: List[str]
+    active: List[str]
+    fallback_reason: Optional[str] = None
+    input_names: List[str] = field(default_factory=list)
+
+    def run(self, outputs, feed):
+        return self.inner.run(outputs, feed)
+
+
+def _provider(name: str) -> str:
+    key = name.lower().replace("executionprovider", "")
+    if key in PROVIDER_NAMES:
+        return PROVIDER_NAMES[key]
+    if name in PROVIDER_NAMES.values():
+        return name
+    raise SamOnnxError(f"unknown provider {name!r}; use cpu, cuda or tensorrt")
+
+
+def installed_packages() -> dict:
+    """ONNX Runtime distributions installed, and which one ``import onnxruntime`` loads."""
+    from importlib.metadata import distribution
+
+    found = {}
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            found[dist] = version(dist)
+            owner = Path(distribution(dist).locate_file("onnxruntime/__init__.py"))
+            if owner.resolve() == Path(ort.__file__).resolve():
+                found["imported"] = dist
+        except PackageNotFoundError:
+            pass
+    return found
+
+
+def gpu_unavailable_reason() -> Optional[str]:
+    """Why CUDA cannot run here, in the order a user would fix it; None when it can."""
+    packages = installed_packages()
+    if packages.get("imported") != "onnxruntime-gpu":
+        if "onnxruntime-gpu" in packages:
+            return ("onnxruntime-gpu is installed but the CPU-only onnxruntime shadows it: "
+                    "uninstall both, then pip install 'sam-onnx[gpu]'")
+        return ("the CPU-only onnxruntime package is installed: pip uninstall onnxruntime, "
+                "then pip install 'sam-onnx[gpu]'")
+    if hasattr(ort, "preload_dlls"):  # use the nvidia-* pip packages' CUDA/cuDNN if present
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+                warnings.simplefilter("ignore")
+                ort.preload_dlls()
+        except Exception:  # preload is best effort; what still fails is named below
+            pass
+    reasons = []
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        reasons.append("no NVIDIA driver: libcuda.so.1 cannot be loaded (install the driver, "
+                       "or run where a GPU is)")
+    provider_lib = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    if provider_lib.exists():
+        try:
+            ctypes.CDLL(str(provider_lib))
+        except OSError as exc:
+            missing = str(exc).split(":")[0]
+            reasons.append(f"CUDA/cuDNN libraries missing: {missing} cannot be loaded (install "
+                           "the CUDA and cuDNN versions this onnxruntime-gpu needs)")
+    if not reasons:
+        try:
+            count = ctypes.c_int(0)
+            cudart = ctypes.CDLL("libcudart.so")
+            if cudart.cudaGetDeviceCount(ctypes.byref(count)) != 0 or count.value == 0:
+                reasons.append("no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
+        except OSError:
+            pass
+    if reasons and "onnxruntime" in packages:
+        reasons.append("the CPU-only onnxruntime is installed too: uninstall it")
+    return "; ".join(reasons) or None
+
+
+def _options(config: SessionConfig, model_path: Optional[Path]) -> "ort.SessionOptions":
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = config.intra_op_threads
+    levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+              "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+              "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+              "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+    if config.optimization not in levels:
+        raise SamOnnxError(f"unknown optimization level {config.optimization!r}; use one of "
+                           f"{', '.join(levels)}")
+    options.graph_optimization_level = levels[config.optimization]
+    options.log_severity_level = 3  # ONNX Runtime's own fallback chatter: we say it once
+    return options
+
+
+def create(model: os.PathLike, config: SessionConfig = SessionConfig()) -> Session:
+    """Build a session asking for ``config.providers`` in order, and report a CPU fallback."""
+    path = Path(model)
+    requested = [_provider(p) for p in config.providers]
+    if CPU not in requested:
+        requested.append(CPU)
+    available = ort.get_available_providers()
+    ort.set_default_logger_severity(3)  # ONNX Runtime's own fallback log: said once below
+    options = _options(config, path)
+    cached = _cached_model(path, config, requested)
+    if cached is not None and cached.exists():
+        source = cached  # already optimized: skip the optimizer on this start
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    else:
+        source = path
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            options.optimized_model_filepath = str(cached)
+    inner = ort.InferenceSession(str(source), options,
+                                 providers=[p for p in requested if p in available] or [CPU])
+    active = inner.get_providers()
+    session = Session(inner, requested, active, input_names=[i.name for i in inner.get_inputs()])
+    gpu_asked = [p for p in requested if p != CPU]
+    if gpu_asked and not any(p in active for p in gpu_asked):
+        session.fallback_reason = gpu_unavailable_reason() or (
+            f"ONNX Runtime did not enable {', '.join(gpu_asked)} (see its log with "
+            "log_severity_level=0)")
+        message = (f"{', '.join(gpu_asked)} requested but {path.name} runs on "
+                   f"CPUExecutionProvider: {session.fallback_reason}")
+        if config.strict:
+            raise SamOnnxError(message)
+        if message not in _warned:
+            _warned.add(message)
+            log.info("%s", message)
+            warnings.warn(message, ProviderFallbackWarning, stacklevel=2)
+    return session
+
+
+def _cached_model(path: Path, config: SessionConfig, providers: List[str]) -> Optional[Path]:
+    """Where the optimized graph for this model, ONNX Runtime version and providers is kept."""
+    if config.cache_dir is None or path.with_name(path.name + ".data").exists():
+        return None  # graphs with external data are not cached: the copy would double them
+    import hashlib
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|"
+                         f"{providers}|{config.optimization}".encode()).hexdigest()[:16]
+    return Path(config.cache_dir) / f"{path.stem}.{key}.opt.onnx"

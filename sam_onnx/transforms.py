@@ -1,0 +1,64 @@
+"""segment_anything's ResizeLongestSide and Sam.preprocess/postprocess_masks, in numpy."""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+from PIL import Image
+
+from .contracts import PREPROCESS
+
+
+def preprocess_shape(h: int, w: int, long_side: int = PREPROCESS.image_size) -> Tuple[int, int]:
+    scale = long_side / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+def apply_coords(coords: np.ndarray, original_size: Tuple[int, int]) -> np.ndarray:
+    h, w = original_size
+    new_h, new_w = preprocess_shape(h, w)
+    coords = np.array(coords, dtype=np.float64, copy=True)
+    coords[..., 0] *= new_w / w
+    coords[..., 1] *= new_h / h
+    return coords
+
+
+def image_to_input(image: np.ndarray) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """HxWx3 uint8 -> the encoder's 1x3x1024x1024 float32, and the resized (h, w).
+
+    The resize is PIL's bilinear, as segment_anything's (torchvision on a PIL image)."""
+    h, w = image.shape[:2]
+    new_h, new_w = preprocess_shape(h, w)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    x = (resized.astype(np.float32) - np.float32(PREPROCESS.pixel_mean)) / np.float32(
+        PREPROCESS.pixel_std)
+    size = PREPROCESS.image_size
+    out = np.zeros((1, 3, size, size), np.float32)
+    out[0, :, :new_h, :new_w] = x.transpose(2, 0, 1)
+    return out, (new_h, new_w)
+
+
+def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
+    """Rows of weights that F.interpolate(mode="bilinear", align_corners=False) uses."""
+    scale = in_size / out_size
+    src = np.maximum((np.arange(out_size) + 0.5) * scale - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    hi = np.minimum(lo + 1, in_size - 1)
+    frac = src - lo
+    m = np.zeros((out_size, in_size), np.float64)
+    np.add.at(m, (np.arange(out_size), lo), 1.0 - frac)
+    np.add.at(m, (np.arange(out_size), hi), frac)
+    return m
+
+
+def postprocess_masks(low_res: np.ndarray, input_size: Tuple[int, int],
+                      original_size: Tuple[int, int]) -> np.ndarray:
+    """(..., 256, 256) logits -> (..., H, W): upscale to 1024, crop the padding, resize to
+    the original size; the three steps folded into one matrix per axis."""
+    size = PREPROCESS.image_size
+    rows = _bilinear_matrix(original_size[0], input_size[0]) @ \
+        _bilinear_matrix(size, low_res.shape[-2])[: input_size[0]]
+    cols = _bilinear_matrix(original_size[1], input_size[1]) @ \
+        _bilinear_matrix(size, low_res.shape[-1])[: input_size[1]]
+    out = rows.astype(np.float32) @ low_res.astype(np.float32) @ cols.T.astype(np.float32)
+    return out

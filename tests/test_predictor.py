@@ -1,0 +1,209 @@
+"""SamOnnxPredictor against segment_anything's SamPredictor on the same random weights."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from segment_anything import SamPredictor
+
+import sam_onnx
+from sam_onnx.checkpoints import build_sam, load_state_dict
+from sam_onnx.errors import SamOnnxError
+from sam_onnx.parity import mask_iou
+from sam_onnx.predictor import SamOnnxPredictor
+
+from conftest import run_cli
+
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+LOGIT_ATOL = 1e-4  # the contracts' fp32 tolerance, on logits of random weights (|x| < ~1)
+
+
+@pytest.fixture(scope="module")
+def models(tiny_export, tiny_checkpoint, tmp_path_factory):
+    out, _ = tiny_export
+    lowres = tmp_path_factory.mktemp("lowres")
+    sam_onnx.export("tiny", checkpoint=tiny_checkpoint, out_dir=lowres, encoder=False,
+                    decoder_contract="lowres", isolate=False)
+    sam = build_sam("tiny", load_state_dict(tiny_checkpoint))
+    return {"encoder": out / "tiny_encoder.onnx", "official": out / "tiny_decoder_official.onnx",
+            "lowres": lowres / "tiny_decoder_lowres.onnx", "torch": SamPredictor(sam)}
+
+
+def _synthetic(h=300, w=500):
+    y, x = np.mgrid[0:h, 0:w]
+    img = np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1).astype(np.uint8)
+    img[h // 3: 2 * h // 3, w // 3: 2 * w // 3] = [250, 40, 40]
+    return img
+
+
+def _images():
+    out = [("synthetic 300x500", _synthetic())]
+    for name in ("dog.jpg", "truck.jpg", "landsat-rmnp.tif"):
+        if (IMAGES / name).exists():
+            out.append((name, np.asarray(Image.open(IMAGES / name).convert("RGB"))))
+    return out
+
+
+def _prompts(h, w):
+    return {
+        "points": dict(point_coords=np.array([[w * 0.5, h * 0.5], [w * 0.2, h * 0.3]]),
+                       point_labels=np.array([1, 0])),
+        "box": dict(box=np.array([w * 0.25, h * 0.2, w * 0.75, h * 0.8])),
+        "points+box": dict(point_coords=np.array([[w * 0.5, h * 0.5]]), point_labels=np.array([1]),
+                           box=np.array([w * 0.25, h * 0.2, w * 0.75, h * 0.8])),
+    }
+
+
+@pytest.mark.parametrize("decoder", ["official", "lowres"])
+def test_parity_with_sam_predictor(models, decoder):
+    onnx_pred = SamOnnxPredictor(models["encoder"], models[decoder])
+    torch_pred = models["torch"]
+    for name, img in _images():  # the real ones only where ../shared/data/images exists
+        onnx_pred.set_image(img)
+        torch_pred.set_image(img)
+        np.testing.assert_allclose(onnx_pred.get_image_embedding(),
+                                   torch_pred.get_image_embedding().numpy(), atol=1e-4, rtol=1e-3)
+        h, w = img.shape[:2]
+        for prompt_name, prompt in _prompts(h, w).items():
+            for multimask in (True, False):
+                got = onnx_pred.predict(**prompt, multimask_output=multimask, return_logits=True)
+                want = torch_pred.predict(**prompt, multimask_output=multimask, return_logits=True)
+                _assert_same(got, want, f"{name} {prompt_name} multimask={multimask}")
+            # refinement: feed back the best low-res logits, as SamPredictor users do
+            low_res = got[2][np.argmax(got[1])][None]
+            got = onnx_pred.predict(**prompt, mask_input=low_res, return_logits=True)
+            want = torch_pred.predict(**prompt, mask_input=low_res, return_logits=True)
+            _assert_same(got, want, f"{name} {prompt_name} refined")
+
+
+def _assert_same(got, want, what):
+    masks, scores, low_res = got
+    t_masks, t_scores, t_low_res = want
+    assert masks.shape == t_masks.shape, what
+    np.testing.assert_allclose(low_res, t_low_res, atol=LOGIT_ATOL, err_msg=what)
+    np.testing.assert_allclose(scores, t_scores, atol=LOGIT_ATOL, err_msg=what)
+    for m, t in zip(masks, t_masks):
+        assert mask_iou(m, t) >= 0.99, what
+
+
+def test_binary_masks_embeddings_round_trip_and_reset(models, tmp_path):
+    pred = SamOnnxPredictor(models["encoder"], models["official"])
+    img = _synthetic()
+    pred.set_image(img)
+    masks, scores, low_res = pred.predict(np.array([[250, 150]]), np.array([1]))
+    assert masks.dtype == bool and masks.shape == (3, 300, 500) and scores.shape == (3,)
+    assert low_res.shape == (3, 256, 256)
+    pred.save_embedding(tmp_path / "emb.npz")
+    only_decoder = SamOnnxPredictor(None, models["official"])
+    only_decoder.load_embedding(tmp_path / "emb.npz")
+    again = only_decoder.predict(np.array([[250, 150]]), np.array([1]))
+    np.testing.assert_array_equal(again[0], masks)
+    pred.reset_image()
+    with pytest.raises(SamOnnxError, match="set_image"):
+        pred.predict(np.array([[1, 1]]), np.array([1]))
+
+
+@pytest.mark.parametrize("prompt, words", [
+    (dict(point_coords=np.array([1, 2]), point_labels=np.array([1])), "Nx2"),
+    (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([7])), "-1..3"),
+    (dict(point_coords=np.array([[np.nan, 2]]), point_labels=np.array([1])), "NaN"),
+    (dict(point_coords=np.array([[5000, 2]]), point_labels=np.array([1])), "far outside"),
+    (dict(point_coords=np.array([[1, 2]])), "go together"),
+    (dict(box=np.array([1, 2, 3])), "x0, y0, x1, y1"),
+    (dict(), "give a prompt"),
+    (dict(box=np.array([1, 2, 30, 40]), mask_input=np.zeros((64, 64))), "1x256x256"),
+])
+def test_bad_prompts_get_clear_errors(models, prompt, words):
+    pred = SamOnnxPredictor(models["encoder"], models["official"])
+    pred.set_image(_synthetic())
+    with pytest.raises(SamOnnxError, match=words):
+        pred.predict(**prompt)
+
+
+def test_images_in_every_form_give_the_same_embedding(models, tmp_path):
+    pred = SamOnnxPredictor(models["encoder"], models["official"])
+    rgb = _synthetic(64, 96)
+
+    def embed(image, **kw):
+        pred.set_image(image, **kw)
+        return pred.get_image_embedding().copy()
+
+    reference = embed(rgb)
+    Image.fromarray(rgb).save(tmp_path / "img.png")
+    np.testing.assert_array_equal(embed(tmp_path / "img.png"), reference)
+    np.testing.assert_array_equal(embed(Image.fromarray(rgb)), reference)
+    np.testing.assert_array_equal(embed(rgb[..., ::-1].copy(), image_format="BGR"), reference)
+    rgba = np.concatenate([rgb, np.full((64, 96, 1), 255, np.uint8)], -1)
+    np.testing.assert_array_equal(embed(rgba), reference)
+    np.testing.assert_array_equal(embed(rgb.astype(np.uint16) * 257), reference)
+    gray = rgb[..., 0]
+    np.testing.assert_array_equal(embed(gray), embed(np.repeat(gray[..., None], 3, -1)))
+    # EXIF orientation 6 (rotate 90 clockwise to display) is applied for files
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(rgb).save(tmp_path / "rotated.jpg", exif=exif, quality=100)
+    pred.set_image(tmp_path / "rotated.jpg")
+    assert pred.original_size == (96, 64)
+
+
+def test_runtime_runs_with_torch_unimportable(models, tmp_path):
+    code = f"""
+import sys
+for name in ("torch", "torchvision", "segment_anything"):
+    sys.modules[name] = None  # any import of these now raises ImportError
+import numpy as np
+from sam_onnx.predictor import SamOnnxPredictor
+p = SamOnnxPredictor({str(models['encoder'])!r}, {str(models['lowres'])!r})
+p.set_image(np.full((120, 200, 3), 128, np.uint8))
+masks, scores, _ = p.predict(np.array([[100, 60]]), np.array([1]))
+assert masks.shape == (3, 120, 200)
+print("ok without torch")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "ok without torch" in proc.stdout
+
+
+def test_a_decoder_following_no_contract_is_refused_with_the_fix(models, tmp_path):
+    import onnx
+
+    model = onnx.load(str(models["official"]))
+    model.graph.input[5].name = "image_size"
+    for node in model.graph.node:
+        node.input[:] = ["image_size" if i == "orig_im_size" else i for i in node.input]
+    del model.metadata_props[:]
+    onnx.save(model, str(tmp_path / "odd.onnx"))
+    with pytest.raises(SamOnnxError, match=r"nearest official.*repair --auto --feed official"):
+        SamOnnxPredictor(models["encoder"], tmp_path / "odd.onnx")
+
+
+def test_predict_command_writes_mask_overlay_and_json(models, tmp_path):
+    img = tmp_path / "img.png"
+    Image.fromarray(_synthetic()).save(img)
+    proc = run_cli("predict", img, "--encoder", models["encoder"], "--decoder", models["official"],
+                   "--point", "250,150", "--box", "100,60,400,240", "--out", tmp_path / "m.png",
+                   "--overlay", tmp_path / "o.png", "--json")
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    summary = json.loads(proc.stdout)
+    mask = np.asarray(Image.open(tmp_path / "m.png"))
+    assert mask.shape == (300, 500) and set(np.unique(mask)) <= {0, 255}
+    assert summary["masks"][summary["best"]]["area"] == int((mask == 255).sum())
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (300, 500, 3)
+    assert summary["providers"] == ["CPUExecutionProvider"]
+
+
+def test_predict_command_bad_arguments(models, tmp_path):
+    base = ["predict", tmp_path / "none.png", "--encoder", models["encoder"], "--decoder",
+            models["official"]]
+    proc = run_cli(*base, "--point", "1,2")
+    assert proc.returncode == 1 and "cannot read image" in proc.stderr
+    proc = run_cli(*base, "--point", "1")
+    assert proc.returncode == 2 and "--point takes 2 or 3" in proc.stderr
+    proc = run_cli(*base)
+    assert proc.returncode == 2 and "give a prompt" in proc.stderr

@@ -1,0 +1,87 @@
+"""Sessions: a CUDA request on this CPU-only machine falls back to CPU and says why."""
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+
+from sam_onnx import sessions
+from sam_onnx.errors import SamOnnxError
+from sam_onnx.sessions import ProviderFallbackWarning, SessionConfig
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def decoder(tiny_export):
+    return tiny_export[0] / "tiny_decoder_official.onnx"
+
+
+def test_cuda_requested_cpu_used_reason_reported(decoder):
+    sessions._warned.clear()
+    with pytest.warns(ProviderFallbackWarning) as caught:
+        session = sessions.create(decoder, SessionConfig(providers=("cuda", "cpu")))
+    assert session.active == ["CPUExecutionProvider"]
+    assert session.requested == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert session.fallback_reason and session.fallback_reason in str(caught[0].message)
+    imported = sessions.installed_packages().get("imported")
+    if imported == "onnxruntime":
+        assert "CPU-only onnxruntime package" in session.fallback_reason
+    else:
+        assert "libcuda.so.1" in session.fallback_reason
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once, not on every session
+        sessions.create(decoder, SessionConfig(providers=("cuda", "cpu")))
+
+
+def test_strict_raises_instead_of_falling_back(decoder):
+    with pytest.raises(SamOnnxError, match="requested but .* runs on CPUExecutionProvider"):
+        sessions.create(decoder, SessionConfig(providers=("cuda",), strict=True))
+
+
+def test_cpu_only_request_is_quiet(decoder):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        session = sessions.create(decoder, SessionConfig(providers=("cpu",)))
+    assert session.active == ["CPUExecutionProvider"] and session.fallback_reason is None
+
+
+def test_unknown_provider_and_optimization_level(decoder):
+    with pytest.raises(SamOnnxError, match="unknown provider 'rocm'"):
+        sessions.create(decoder, SessionConfig(providers=("rocm",)))
+    with pytest.raises(SamOnnxError, match="unknown optimization level"):
+        sessions.create(decoder, SessionConfig(providers=("cpu",), optimization="max"))
+
+
+def test_optimized_model_cache_is_written_once_and_reused(decoder, tmp_path):
+    config = SessionConfig(providers=("cpu",), cache_dir=tmp_path)
+    sessions.create(decoder, config)
+    (cached,) = tmp_path.glob("*.opt.onnx")
+    stamp = cached.stat().st_mtime_ns
+    second = sessions.create(decoder, config)
+    assert cached.stat().st_mtime_ns == stamp and second.input_names[0] == "image_embeddings"
+
+
+def test_doctor_reports_providers_and_why(tmp_path):
+    proc = run_cli("doctor")
+    assert proc.returncode == 0, proc.stderr
+    assert "CPUExecutionProvider: works" in proc.stdout
+    assert "CUDAExecutionProvider: " in proc.stdout and "cores" in proc.stdout
+
+
+@pytest.mark.heavy
+def test_with_onnxruntime_gpu_and_no_driver_the_reason_names_the_driver(decoder, tmp_path):
+    """The real onnxruntime-gpu package, shadowing the CPU one, on this driverless machine."""
+    target = tmp_path / "ortgpu"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                          str(target), "onnxruntime-gpu>=1.20,<2"], capture_output=True, text=True)
+    if pip.returncode != 0:
+        pytest.skip(f"onnxruntime-gpu could not be installed here: {pip.stderr[-300:]}")
+    code = ("from sam_onnx import sessions; import warnings; warnings.simplefilter('ignore');"
+            f"s = sessions.create({str(decoder)!r}); print(s.active); print(s.fallback_reason)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(target)})
+    assert proc.returncode == 0, proc.stderr
+    assert "['CPUExecutionProvider']" in proc.stdout
+    assert "no NVIDIA driver: libcuda.so.1" in proc.stdout
