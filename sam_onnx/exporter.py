@@ -9,6 +9,7 @@ tolerance). Only then are the files renamed to their final names, with a manifes
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -231,13 +232,13 @@ def _manifest(result: ExportResult, record: Dict) -> Dict:
     }
 
 
-class _quiet_logging:
+@contextlib.contextmanager
+def _quiet_logging():
     """onnxruntime.quantization reports through the root logger; hold it to warnings."""
-
-    def __enter__(self):
-        self.root = logging.getLogger()
-        self.level = self.root.level
-        self.root.setLevel(max(self.level, logging.WARNING))
-
-    def __exit__(self, *exc):
-        self.root.setLevel(self.level)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.WARNING))
+    try:
+        yield
+    finally:
+        root.setLevel(level)

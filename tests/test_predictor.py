@@ -1,12 +1,10 @@
 """SamOnnxPredictor against segment_anything's SamPredictor on the same random weights."""
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from segment_anything import SamPredictor
 

@@ -1,0 +1,119 @@
+"""Benchmark the runtime against PyTorch, side by side in one run on one image and weights.
+
+Encoder latency: ONNX Runtime vs torch eager vs this machine's fp32 GEMM floor (encoder FLOPs,
+counted by torch's FlopCounterMode, over the fp32 matmul rate measured in the same run).
+One prompt: SamOnnxPredictor.predict vs SamPredictor.predict, upscaling to the image included.
+
+    python scripts/bench_runtime.py --model vit_b --image ../shared/data/images/truck.jpg
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def median_time(fn, repeat: int, warmup: int = 1) -> list:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def gemm_rate(n: int = 2048, repeat: int = 10) -> float:
+    """fp32 FLOP/s of torch.mm on this machine (its BLAS, all threads)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    times = median_time(lambda: torch.mm(a, b), repeat, warmup=3)
+    return 2 * n**3 / statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="vit_b")
+    parser.add_argument("--image", type=Path, required=True)
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--prompt-repeat", type=int, default=30)
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sam-onnx-bench")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+
+    import sam_onnx
+    from segment_anything import SamPredictor
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from sam_onnx import transforms
+    from sam_onnx.checkpoints import build_sam, load_state_dict
+    from sam_onnx.images import load_image
+    from sam_onnx.predictor import SamOnnxPredictor
+    from sam_onnx.sessions import SessionConfig
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_export import random_checkpoint
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    ckpt = random_checkpoint(args.model, args.work)
+    out = args.work / f"runtime-{args.model}"
+    if not (out / f"{args.model}_encoder.onnx").exists():
+        sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out)
+    sam = build_sam(args.model, load_state_dict(ckpt))
+    image = load_image(args.image)
+    x, _ = transforms.image_to_input(image)
+
+    rate = gemm_rate()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        sam.image_encoder(torch.from_numpy(x))
+    flops = counter.get_total_flops()
+    floor = flops / rate
+
+    onnx_pred = SamOnnxPredictor(out / f"{args.model}_encoder.onnx",
+                                 out / f"{args.model}_decoder_official.onnx",
+                                 SessionConfig(providers=("cpu",)))
+    torch_pred = SamPredictor(sam)
+    enc_onnx = median_time(lambda: onnx_pred.encoder.run(None, {"image": x}), args.repeat)
+    with torch.inference_mode():
+        enc_torch = median_time(lambda: sam.image_encoder(torch.from_numpy(x)), args.repeat)
+
+    onnx_pred.set_image(image)
+    torch_pred.set_image(image)
+    h, w = image.shape[:2]
+    point, label = np.array([[w // 2, h // 2]]), np.array([1])
+    p_onnx = median_time(lambda: onnx_pred.predict(point, label), args.prompt_repeat, warmup=3)
+    p_torch = median_time(lambda: torch_pred.predict(point, label), args.prompt_repeat, warmup=3)
+
+    med = statistics.median
+    result = {
+        "model": args.model, "image": str(args.image), "image_size": [h, w],
+        "threads": torch.get_num_threads(), "gemm_flops_per_s": rate, "encoder_flops": flops,
+        "encoder_floor_s": floor,
+        "encoder_onnx_s": enc_onnx, "encoder_torch_s": enc_torch,
+        "prompt_onnx_s": p_onnx, "prompt_torch_s": p_torch,
+    }
+    rows = [
+        ("encoder (s)", med(enc_torch), med(enc_onnx), floor),
+        ("one prompt incl. upscaling (ms)", med(p_torch) * 1e3, med(p_onnx) * 1e3, None),
+    ]
+    print(f"{args.model} on {args.image.name} ({w}x{h}), {torch.get_num_threads()} threads; "
+          f"fp32 GEMM {rate / 1e9:.0f} GFLOP/s; encoder {flops / 1e12:.3f} TFLOP")
+    print("| metric | PyTorch | ONNX Runtime | PyTorch/ONNX | GEMM floor | ONNX/floor |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for name, t, o, f in rows:
+        print(f"| {name} | {t:.3f} | {o:.3f} | {t / o:.2f}x | " +
+              (f"{f:.3f} | {o / f:.2f}x |" if f else "| |"))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
