@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 
 def median_time(fn, repeat: int, warmup: int = 1) -> list:
