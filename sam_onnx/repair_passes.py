@@ -8,6 +8,7 @@ from typing import Dict, List
 import onnx
 from onnx import TensorProto, helper
 
+from . import signature
 from .contracts import DECODER_LOWRES, DECODER_OFFICIAL, IMAGE_SIZE
 from .errors import SamOnnxError
 
@@ -18,9 +19,8 @@ def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
     for node in graph.node:
         node.input[:] = [new if n == old else n for n in node.input]
         node.output[:] = [new if n == old else n for n in node.output]
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                _rename_everywhere(sub, old, new)
+        for sub in signature.subgraphs(node):
+            _rename_everywhere(sub, old, new)
     for value in list(graph.input) + list(graph.output) + list(graph.value_info):
         if value.name == old:
             value.name = new
@@ -188,24 +188,13 @@ def _prune(graph: onnx.GraphProto) -> None:
         if any(o in needed for o in node.output):
             keep.append(node)
             needed.update(node.input)
-            for attr in node.attribute:
-                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                    needed.update(_outer_names(sub))
+            for sub in signature.subgraphs(node):
+                needed.update(signature.consumed_names(sub))
     del graph.node[:]
     graph.node.extend(reversed(keep))
     inits = [i for i in graph.initializer if i.name in needed]
     del graph.initializer[:]
     graph.initializer.extend(inits)
-
-
-def _outer_names(graph: onnx.GraphProto) -> set:
-    names = set()
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                names |= _outer_names(sub)
-    return names
 
 
 def fp16(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -53,3 +53,19 @@ def mismatches(model: onnx.ModelProto, contract: GraphContract) -> List[str]:
                 problems.append(f"{kind} {name} has static shape {list(g.shape)}, declared "
                                 f"dynamic {list(w.shape)}")
     return problems
+
+
+def subgraphs(node: onnx.NodeProto) -> List[onnx.GraphProto]:
+    """The bodies of If/Loop/Scan nodes."""
+    return [g for attr in node.attribute
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)]
+
+
+def consumed_names(graph: onnx.GraphProto) -> set:
+    """Every tensor name a node reads, subgraphs included."""
+    names = set()
+    for node in graph.node:
+        names.update(node.input)
+        for sub in subgraphs(node):
+            names |= consumed_names(sub)
+    return names

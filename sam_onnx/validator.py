@@ -193,7 +193,7 @@ def _versions(model: onnx.ModelProto, report: Report, name: str) -> None:
 
 def _graph_inputs(model: onnx.ModelProto, report: Report, name: str) -> None:
     init = {i.name for i in model.graph.initializer}
-    used = _consumed_names(model.graph)
+    used = signature.consumed_names(model.graph) | {o.name for o in model.graph.output}
     for value in model.graph.input:
         if value.name in init:
             report.add(INITIALIZER_INPUT.finding(
@@ -204,16 +204,6 @@ def _graph_inputs(model: onnx.ModelProto, report: Report, name: str) -> None:
             report.add(UNUSED_INPUT.finding(
                 f"input:{value.name}", "no node uses this input; feeding it has no effect",
                 "check the export: the graph may ignore a prompt you think it uses", model=name))
-
-
-def _consumed_names(graph: onnx.GraphProto) -> set:
-    names = {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
-                names |= _consumed_names(sub)
-    return names
 
 
 def _contracts(model: onnx.ModelProto, report: Report, name: str) -> None:
