@@ -60,7 +60,8 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
               show_default=True, help="Output folder.")
 @click.option("--decoder-contract", type=click.Choice(DECODER_CONTRACTS), default="official",
               show_default=True, help="Which decoder inputs/outputs to export.")
-@click.option("--opset", type=click.IntRange(17, 23), default=18, show_default=True)
+@click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True,
+              help="ONNX opset of both graphs (the exporters' common range).")
 @click.option("--simplify", is_flag=True, help="Run onnxsim on graphs under 2 GB.")
 @click.option("--quantize", type=click.Choice(["int8"]),
               help="Also write int8 dynamically quantized graphs, checked with their tolerance.")

@@ -66,6 +66,10 @@ def run(job: Job) -> Staged:
         path = job.staging_dir / (name + ".onnx")
         with stage(f"export {contract.role} ({contract.name})"):
             _EXPORTERS[contract.role](weights.sam, contract, path, job.opset)
+            written = _opset(path)
+            if written != job.opset:
+                raise SamOnnxError(f"the {contract.role} exporter wrote opset {written}, not "
+                                   f"{job.opset}; export with --opset {written}")
             if job.simplify:
                 _simplify(path)
             records[contract.name] = metadata.provenance(
@@ -75,6 +79,11 @@ def run(job: Job) -> Staged:
             metadata.stamp(path, contract, records[contract.name])
         paths[contract.name] = path
     return Staged(paths, records, checks, stage.timings)
+
+
+def _opset(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def _reference_checks(sam, contracts: List[GraphContract]) -> Dict[str, Dict[str, tuple]]:

@@ -213,3 +213,14 @@ def test_the_checking_process_never_imports_torch():
     code = ("import sys, sam_onnx, sam_onnx.exporter, sam_onnx.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_opset_is_what_the_graphs_carry(tmp_path):
+    result = sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path, opset=20,
+                             isolate=False)
+    for g in result.graphs:
+        model = onnx.load(str(g.path), load_external_data=False)
+        assert [o.version for o in model.opset_import if o.domain == ""] == [20]
+        assert metadata.read(model)["opset"] == 20
+    proc = run_cli("export", "--model", "tiny", "--random-weights", "--opset", "17")
+    assert proc.returncode == 2 and "18<=x<=20" in proc.stderr
