@@ -110,14 +110,12 @@ class SamOnnxPredictor:
             raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
         outputs = dict(zip(self.decoder_contract.output_names, self.decoder.run(
             list(self.decoder_contract.output_names), feed)))
-        low_res = outputs["low_res_masks"][0]
-        if "masks" in outputs:
-            masks = outputs["masks"][0]
-        else:  # the lowres contract leaves upscaling to the caller
-            masks = transforms.postprocess_masks(low_res, self.input_size, self.original_size)
         picked = slice(1, None) if multimask_output else slice(0, 1)
-        masks, scores = masks[picked], outputs["iou_predictions"][0][picked]
-        low_res = low_res[picked]
+        low_res, scores = outputs["low_res_masks"][0][picked], outputs["iou_predictions"][0][picked]
+        if "masks" in outputs:
+            masks = outputs["masks"][0][picked]
+        else:  # the lowres contract leaves upscaling to the caller: only the masks returned
+            masks = transforms.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > MASK_THRESHOLD
         return masks, scores, low_res

@@ -1,6 +1,7 @@
 """segment_anything's ResizeLongestSide and Sam.preprocess/postprocess_masks, in numpy."""
 from __future__ import annotations
 
+import functools
 from typing import Tuple
 
 import numpy as np
@@ -38,6 +39,7 @@ def image_to_input(image: np.ndarray) -> Tuple[np.ndarray, Tuple[int, int]]:
     return out, (new_h, new_w)
 
 
+@functools.lru_cache(maxsize=64)
 def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
     """Rows of weights that F.interpolate(mode="bilinear", align_corners=False) uses."""
     scale = in_size / out_size
@@ -55,10 +57,17 @@ def postprocess_masks(low_res: np.ndarray, input_size: Tuple[int, int],
                       original_size: Tuple[int, int]) -> np.ndarray:
     """(..., 256, 256) logits -> (..., H, W): upscale to 1024, crop the padding, resize to
     the original size; the three steps folded into one matrix per axis."""
+    rows, cols = _resize_matrices(tuple(low_res.shape[-2:]), tuple(input_size),
+                                  tuple(original_size))
+    return rows @ low_res.astype(np.float32) @ cols
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_matrices(low_res_size, input_size, original_size):
+    """(H x 256) and (256 x W) float32 matrices: upscale, crop and resize per axis."""
     size = PREPROCESS.image_size
     rows = _bilinear_matrix(original_size[0], input_size[0]) @ \
-        _bilinear_matrix(size, low_res.shape[-2])[: input_size[0]]
+        _bilinear_matrix(size, low_res_size[0])[: input_size[0]]
     cols = _bilinear_matrix(original_size[1], input_size[1]) @ \
-        _bilinear_matrix(size, low_res.shape[-1])[: input_size[1]]
-    out = rows.astype(np.float32) @ low_res.astype(np.float32) @ cols.T.astype(np.float32)
-    return out
+        _bilinear_matrix(size, low_res_size[1])[: input_size[1]]
+    return rows.astype(np.float32), np.ascontiguousarray(cols.T.astype(np.float32))
