@@ -160,6 +160,10 @@ def create(model: os.PathLike, config: SessionConfig = SessionConfig()) -> Sessi
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             options.optimized_model_filepath = str(cached)
+            options.add_session_config_entry(  # big weights beside it, as in the source
+                "session.optimized_model_external_initializers_file_name", cached.name + ".data")
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
     inner = ort.InferenceSession(str(source), options,
                                  providers=[p for p in requested if p in available] or [CPU])
     active = inner.get_providers()
@@ -182,8 +186,8 @@ def create(model: os.PathLike, config: SessionConfig = SessionConfig()) -> Sessi
 
 def _cached_model(path: Path, config: SessionConfig, providers: List[str]) -> Optional[Path]:
     """Where the optimized graph for this model, ONNX Runtime version and providers is kept."""
-    if config.cache_dir is None or path.with_name(path.name + ".data").exists():
-        return None  # graphs with external data are not cached: the copy would double them
+    if config.cache_dir is None:
+        return None
     import hashlib
 
     stat = path.stat()

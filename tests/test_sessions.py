@@ -85,3 +85,16 @@ def test_with_onnxruntime_gpu_and_no_driver_the_reason_names_the_driver(decoder,
     assert proc.returncode == 0, proc.stderr
     assert "['CPUExecutionProvider']" in proc.stdout
     assert "no NVIDIA driver: libcuda.so.1" in proc.stdout
+
+
+def test_cached_encoder_with_external_data_gives_the_same_output(tiny_export, tmp_path):
+    import numpy as np
+
+    encoder = tiny_export[0] / "tiny_encoder.onnx"
+    x = {"image": np.random.default_rng(0).standard_normal((1, 3, 1024, 1024)).astype("float32")}
+    plain = sessions.create(encoder, SessionConfig(providers=("cpu",))).run(None, x)[0]
+    config = SessionConfig(providers=("cpu",), cache_dir=tmp_path)
+    sessions.create(encoder, config)
+    assert list(tmp_path.glob("*.opt.onnx.data")), "weights of the cached graph stay external"
+    cached = sessions.create(encoder, config).run(None, x)[0]
+    np.testing.assert_allclose(cached, plain, atol=1e-5)
