@@ -11,7 +11,7 @@ from .errors import CheckpointError, ParityError, SamOnnxError
 __version__ = "0.1.0"
 __all__ = ["CONTRACTS", "DECODER_CONTRACTS", "ENCODER", "GraphContract", "TensorSpec",
            "SamOnnxError", "CheckpointError", "ParityError", "export", "validate",
-           "validate_pair", "Report"]
+           "validate_pair", "Report", "repair", "SamOnnxPredictor"]
 
 
 def __getattr__(name):
@@ -23,4 +23,12 @@ def __getattr__(name):
         from . import validator
 
         return getattr(validator, name)
+    if name == "repair":
+        from .repairer import repair
+
+        return repair
+    if name == "SamOnnxPredictor":
+        from .predictor import SamOnnxPredictor
+
+        return SamOnnxPredictor
     raise AttributeError(f"module 'sam_onnx' has no attribute {name!r}")

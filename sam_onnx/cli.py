@@ -148,7 +148,7 @@ def _pairs(ctx, param, values):
 def repair(model, output, in_place, rename, auto, feed, **fixes) -> None:
     """Rewrite MODEL with named passes, validate and run the result, and compare it with the
     original where the passes keep the function."""
-    from .repair import repair as run_repair
+    from .repairer import repair as run_repair
 
     if auto and not feed:
         raise click.UsageError("--auto needs --feed CONTRACT (e.g. --feed official)")

@@ -10,7 +10,7 @@ import sam_onnx
 from sam_onnx import feeds, metadata, validator
 from sam_onnx.contracts import DECODER_LOWRES, DECODER_OFFICIAL
 from sam_onnx.errors import SamOnnxError
-from sam_onnx.repair import repair
+from sam_onnx.repairer import repair
 
 from conftest import run_cli
 
