@@ -95,9 +95,14 @@ def validate(models, feed, run_, fmt) -> None:
     Exit code 0: no errors; 1: errors; 2: a file could not be read or bad arguments.
     With an encoder and a decoder, also check that one's output fits the other.
     """
-    from . import validator
+    from . import feeds, validator
     from .findings import Report
 
+    if feed is not None:
+        try:
+            feed = feeds.load(feed)
+        except SamOnnxError as exc:  # a wrong argument: exit 2, as click's usage errors
+            raise click.BadParameter(str(exc), param_hint="--feed") from None
     report, protos = Report(), []
     for model in models:
         one = validator.validate(model, feed=feed, run=run_)

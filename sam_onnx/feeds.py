@@ -77,8 +77,10 @@ def from_npz(path: Path) -> Feed:
 
 
 def load(source: FeedSource) -> Feed:
-    """A contract name, a .json or .npz path, or a dict of arrays."""
+    """A contract name, a .json or .npz path, a dict of arrays, or an already loaded feed."""
     if isinstance(source, Mapping):
+        if all(isinstance(v, FeedEntry) for v in source.values()):
+            return dict(source)
         return from_arrays(source)
     text = str(source)
     if text in CONTRACTS:

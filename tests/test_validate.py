@@ -213,10 +213,13 @@ def test_json_and_npz_feeds(exported, tmp_path):
     assert run_cli("validate", exported["official"], "--feed", tmp_path / "feed.npz").returncode == 0
 
 
-def test_bad_feed_argument_is_a_one_line_error(exported):
+def test_bad_feed_argument_exits_2_with_one_line(exported, tmp_path):
     proc = run_cli("validate", exported["official"], "--feed", "samexporter")
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "unknown feed 'samexporter'" in proc.stderr
+    (tmp_path / "feed.json").write_text("{not json")
+    proc = run_cli("validate", exported["official"], "--feed", tmp_path / "feed.json")
+    assert proc.returncode == 2 and "cannot read feed description" in proc.stderr
 
 
 def test_pairs_fit_and_mismatches(exported, tmp_path):
