@@ -182,23 +182,28 @@ def identify(state: Mapping, path: Path = Path("checkpoint")) -> str:
     )
 
 
-def build_sam(model_type: str, state: Optional[Mapping] = None, seed: int = 0):
-    """Build SAM through segment_anything's builders; random weights when ``state`` is None."""
-    import torch
-
+def _check_model_type(model_type: str) -> None:
     if model_type not in MODEL_SPECS:
         raise CheckpointError(
-            f"unknown model type {model_type!r}; use one of: {', '.join(MODEL_TYPES)}"
-        )
+            f"unknown model type {model_type!r}; use one of: {', '.join(MODEL_TYPES)}")
+
+
+def build_sam(model_type: str, state: Optional[Mapping] = None, seed: int = 0,
+              source: str = "the checkpoint"):
+    """Build SAM through segment_anything's builders; random weights when ``state`` is None.
+
+    A state_dict of another model type is refused, naming the type its shapes tell."""
+    import torch
+
+    _check_model_type(model_type)
     if state is None:
         torch.manual_seed(seed)
         sam = _build(model_type)
     else:
-        found = identify(state)
+        found = identify(state, Path(source))
         if found != model_type:
             raise CheckpointError(
-                f"the checkpoint is a {found} model, not {model_type}: pass --model {found}"
-            )
+                f"{source} is a {found} checkpoint, not {model_type}: pass --model {found}")
         with torch.device("meta"):  # no random init: the checkpoint's tensors are assigned
             sam = _build(model_type)
         try:
@@ -241,17 +246,11 @@ class Weights:
 def load_weights(model_type: str, checkpoint: Optional[Path] = None, *,
                  random_weights: bool = False, progress: bool = True) -> Weights:
     """Resolve the weights a command asked for and build the model."""
-    if model_type not in MODEL_SPECS:
-        raise CheckpointError(
-            f"unknown model type {model_type!r}; use one of: {', '.join(MODEL_TYPES)}"
-        )
+    _check_model_type(model_type)
     if random_weights:
         if checkpoint is not None:
             raise CheckpointError("pass either --checkpoint or --random-weights, not both")
         return Weights(build_sam(model_type), model_type, "random", "random")
     path = Path(checkpoint) if checkpoint is not None else official_checkpoint(model_type, progress)
-    state = load_state_dict(path)
-    found = identify(state, path)
-    if found != model_type:
-        raise CheckpointError(f"{path} is a {found} checkpoint, not {model_type}: pass --model {found}")
-    return Weights(build_sam(model_type, state), model_type, str(path), "sha256:" + sha256(path))
+    sam = build_sam(model_type, load_state_dict(path), source=str(path))
+    return Weights(sam, model_type, str(path), "sha256:" + sha256(path))

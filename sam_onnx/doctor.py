@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import platform
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Dict, List
 
@@ -40,10 +41,11 @@ def working_providers() -> Dict[str, str]:
         for provider in ort.get_available_providers():
             if provider == "AzureExecutionProvider":
                 continue
-            inner = ort.InferenceSession(str(path), providers=[provider, sessions.CPU])
-            works = provider in inner.get_providers()
-            out[provider] = "works" if works else (sessions.gpu_unavailable_reason()
-                                                   or "not enabled by ONNX Runtime")
+            with warnings.catch_warnings():  # the fallback is what this reports
+                warnings.simplefilter("ignore")
+                session = sessions.create(path, sessions.SessionConfig(providers=(provider,)))
+            out[provider] = "works" if provider in session.active else (
+                session.fallback_reason or "not enabled by ONNX Runtime")
     if sessions.CUDA not in out:
         out[sessions.CUDA] = sessions.gpu_unavailable_reason() or "not available"
     return out

@@ -22,11 +22,11 @@ from typing import Dict, List, Optional
 
 import onnx
 
-from . import metadata, signature
-from ._ort import onnxruntime as ort
+from . import metadata, sessions, signature
 from .contracts import DECODER_CONTRACTS, ENCODER, GraphContract, get_contract
 from .errors import ParityError, SamOnnxError
 from .parity import ParityReport, report
+from .sessions import SessionConfig
 from .stages import Stages
 from .staging import Staging, has_external_data
 
@@ -189,12 +189,10 @@ def _check(path: Path, contract: GraphContract, precision: str,
     if problems:
         raise SamOnnxError(f"the exported {path.name} does not follow the {contract.name} "
                            f"contract: {'; '.join(problems)}")
-    session = ort.InferenceSession(str(path), _lean_session_options(),
-                                   providers=["CPUExecutionProvider"])
-    names = [o.name for o in session.get_outputs()]
+    session = sessions.create(path, SessionConfig(providers=("cpu",), low_memory=True))
     per_feed = {}
     for feed_name, (feed, ref) in checks.items():
-        outputs = dict(zip(names, session.run(None, feed)))
+        outputs = dict(zip(session.output_names, session.run(None, feed)))
         per_feed[feed_name] = (outputs, ref)
     del session
     parity = report(path.name, precision, contract.tolerances[precision], per_feed)
@@ -206,16 +204,6 @@ def _check(path: Path, contract: GraphContract, precision: str,
             f"{w.max_abs_err:.3g} > allowed {w.allowed:.3g}; nothing was written"
         )
     return ExportedGraph(contract.role, contract, precision, path, parity)
-
-
-def _lean_session_options() -> "ort.SessionOptions":
-    """A session for one check run: no pre-packed weight copies, no arena holding freed
-    activations, so a vit_h check stays near the size of its weights."""
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.disable_prepacking", "1")
-    options.enable_cpu_mem_arena = False
-    options.enable_mem_pattern = False
-    return options
 
 
 def _manifest(result: ExportResult, record: Dict) -> Dict:

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 
 from . import metadata, signature, transforms
-from .contracts import CONTRACTS, MASK_INPUT_SIZE, MASK_THRESHOLD, GraphContract
+from .contracts import MASK_INPUT_SIZE, MASK_THRESHOLD, GraphContract
 from .errors import SamOnnxError
 from .feeds import from_arrays
 from .images import ImageLike, load_image
@@ -23,20 +23,23 @@ from .validator import check_feed
 PathLike = Union[str, Path]
 
 
-def graph_contract(path: PathLike) -> GraphContract:
+def graph_contract(model: onnx.ModelProto, name: str) -> GraphContract:
     """The contract a graph follows: recorded by the exporter, else matched by its signature."""
-    model = onnx.load(str(path), load_external_data=False)
     recorded = metadata.recorded_contract(model)
     if recorded is not None and not signature.mismatches(model, recorded):
         return recorded
-    for contract in CONTRACTS.values():
-        if not signature.mismatches(model, contract):
-            return contract
-    nearest = min(CONTRACTS.values(), key=lambda c: len(signature.mismatches(model, c)))
-    raise SamOnnxError(
-        f"{Path(path).name} follows no known contract (nearest {nearest.name}: "
-        f"{'; '.join(signature.mismatches(model, nearest))}); run sam-onnx validate "
-        f"{path}, or sam-onnx repair --auto --feed {nearest.name}")
+    nearest, problems = signature.nearest_contract(model)
+    if problems:
+        raise SamOnnxError(
+            f"{Path(name).name} follows no known contract (nearest {nearest.name}: "
+            f"{'; '.join(problems)}); run sam-onnx validate {name}, or sam-onnx repair "
+            f"--auto --feed {nearest.name}")
+    return nearest
+
+
+def _read_graph(path: PathLike) -> onnx.ModelProto:
+    """The graph's protobuf only: its inputs are all the predictor checks against."""
+    return onnx.load(str(path), load_external_data=False)
 
 
 class SamOnnxPredictor:
@@ -44,13 +47,14 @@ class SamOnnxPredictor:
 
     def __init__(self, encoder: Optional[PathLike], decoder: PathLike,
                  config: SessionConfig = SessionConfig()) -> None:
-        self.decoder_contract = graph_contract(decoder)
+        self._decoder_graph = _read_graph(decoder)
+        self.decoder_contract = graph_contract(self._decoder_graph, str(decoder))
         if self.decoder_contract.role != "decoder":
             raise SamOnnxError(f"{decoder} is an {self.decoder_contract.role}, not a decoder")
         self.decoder: Session = create(decoder, config)
         self.encoder: Optional[Session] = None
         if encoder is not None:
-            if graph_contract(encoder).role != "encoder":
+            if graph_contract(_read_graph(encoder), str(encoder)).role != "encoder":
                 raise SamOnnxError(f"{encoder} is not an image encoder")
             self.encoder = create(encoder, config)
         self.reset_image()
@@ -105,7 +109,7 @@ class SamOnnxPredictor:
         self._require_image()
         coords, labels = self._prompt(point_coords, point_labels, box)
         feed = self._feed(coords, labels, mask_input)
-        problems = check_feed(self._decoder_model(), from_arrays(feed)).errors
+        problems = check_feed(self._decoder_graph, from_arrays(feed)).errors
         if problems:
             raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
         outputs = dict(zip(self.decoder_contract.output_names, self.decoder.run(
@@ -176,17 +180,3 @@ class SamOnnxPredictor:
             "orig_im_size": np.array(self.original_size, np.float32),
         }
         return {name: values[name] for name in self.decoder_contract.input_names}
-
-    def _decoder_model(self) -> onnx.ModelProto:
-        if not hasattr(self, "_decoder_proto"):
-            self._decoder_proto = onnx.ModelProto()
-            for value in self.decoder.inner.get_inputs():  # the inputs are all check_feed reads
-                dims = [d if isinstance(d, int) else str(d) for d in value.shape]
-                self._decoder_proto.graph.input.append(onnx.helper.make_tensor_value_info(
-                    value.name, onnx.helper.np_dtype_to_tensor_dtype(
-                        np.dtype(_ORT_TYPES[value.type])), dims))
-        return self._decoder_proto
-
-
-_ORT_TYPES = {"tensor(float)": "float32", "tensor(double)": "float64", "tensor(int64)": "int64",
-              "tensor(int32)": "int32", "tensor(float16)": "float16", "tensor(bool)": "bool"}

@@ -15,13 +15,14 @@ import numpy as np
 import onnx
 
 from . import repair_passes as passes
-from . import metadata, signature, validator
+from . import metadata, sessions, signature, validator
 from .contracts import CONTRACTS
 from .errors import SamOnnxError
 from .exporter import PROTOBUF_LIMIT
 from .findings import Report
 from .parity import ParityReport, report as parity_report
 from .run_check import synthesize
+from .sessions import SessionConfig
 from .staging import Staging, has_external_data
 
 
@@ -149,10 +150,10 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
 def _restamp(model: onnx.ModelProto, changes: List[str]) -> None:
     """Record the contract the repaired graph now follows (or none), and what was changed."""
     record = metadata.read(model)
-    match = next((c for c in CONTRACTS.values() if not signature.mismatches(model, c)), None)
+    match, problems = signature.nearest_contract(model)
     record.pop("contract", None)
     record.pop("contract_spec", None)
-    if match is not None:
+    if not problems:
         record.update(role=match.role, contract=match.name, contract_spec=match.to_dict())
     record["repairs"] = changes
     metadata.write(model, record)
@@ -206,8 +207,6 @@ def _auto_plan(model: onnx.ModelProto, feed: str) -> dict:
 def _compare(src: Path, original: onnx.ModelProto, repaired: Path, renames: Dict[str, str],
              precision: str) -> Optional[ParityReport]:
     """Run both graphs on one feed and compare the outputs they share (by renamed name)."""
-    from ._ort import onnxruntime as ort
-
     base = synthesize(original, None)
     new_model = onnx.load(str(repaired), load_external_data=False)
     arrays = {renames.get(k, k): v for k, v in base.items()}
@@ -216,14 +215,14 @@ def _compare(src: Path, original: onnx.ModelProto, repaired: Path, renames: Dict
                 "orig_im_size": np.array([1024.0, 1024.0], np.float32)}
     feed_new = {t.name: arrays.get(t.name, defaults.get(t.name))
                 for t in signature.graph_inputs(new_model)}
+    cpu = SessionConfig(providers=("cpu",))
     try:
-        old = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"])
+        old = sessions.create(src, cpu)
     except Exception:  # e.g. the IR version this repair lowered
         return None
-    new = ort.InferenceSession(str(repaired), providers=["CPUExecutionProvider"])
-    old_out = {renames.get(o.name, o.name): v for o, v in zip(old.get_outputs(),
-                                                             old.run(None, base))}
-    new_out = dict(zip([o.name for o in new.get_outputs()], new.run(None, feed_new)))
+    new = sessions.create(repaired, cpu)
+    old_out = {renames.get(n, n): v for n, v in zip(old.output_names, old.run(None, base))}
+    new_out = dict(zip(new.output_names, new.run(None, feed_new)))
     shared = {k: v for k, v in old_out.items() if k in new_out}
     contract = CONTRACTS.get(metadata.read(original).get("contract", ""), CONTRACTS["official"])
     tolerance = contract.tolerances.get(precision, contract.tolerances["fp32"])

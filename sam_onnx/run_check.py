@@ -31,9 +31,9 @@ def synthesize(model: onnx.ModelProto, feed: Optional[feeds_.Feed]) -> dict:
     if feed is not None:
         return {n: e.array if e.array is not None else np.zeros(e.shape, e.dtype)
                 for n, e in feed.items()}
-    for contract in validator.CONTRACTS.values():
-        if not signature.mismatches(model, contract):
-            return feeds_.example_arrays(contract)
+    contract, problems = signature.nearest_contract(model)
+    if not problems:
+        return feeds_.example_arrays(contract)
     return {t.name: np.zeros([d if isinstance(d, int) else feeds_.SYMBOL_VALUES.get(d, 1)
                               for d in t.shape], dtype=t.dtype)
             for t in signature.graph_inputs(model)}
@@ -41,13 +41,13 @@ def synthesize(model: onnx.ModelProto, feed: Optional[feeds_.Feed]) -> dict:
 
 def run_once(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto,
              feed: Optional[feeds_.Feed], name: str) -> Report:
-    from ._ort import onnxruntime as ort
+    from .sessions import SessionConfig, create
 
     report = Report()
     arrays = synthesize(model, feed)
     try:
-        data = str(source) if isinstance(source, Path) else source.SerializeToString()
-        session = ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        data = source if isinstance(source, Path) else source.SerializeToString()
+        session = create(data, SessionConfig(providers=("cpu",)))
         outputs = session.run(None, arrays)
     except Exception as exc:  # ONNX Runtime raises several types; map by message
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -57,12 +57,12 @@ def run_once(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto,
                                 "see the other findings for this rule's fix", ort_error=text,
                                 model=name))
         return report
-    for out, value in zip(session.get_outputs(), outputs):
+    for out_name, value in zip(session.output_names, outputs):
         bad = int(np.size(value) - np.isfinite(value).sum()) if np.issubdtype(
             np.asarray(value).dtype, np.floating) else 0
         if bad:
             report.add(validator.NON_FINITE.finding(
-                f"output:{out.name}", f"{bad} NaN/Inf value(s) in {out.name} "
+                f"output:{out_name}", f"{bad} NaN/Inf value(s) in {out_name} "
                 f"{list(np.shape(value))}", "check the inputs' values and the export "
                 "(e.g. fp16 overflow)", model=name))
     return report

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Union
 
 from ._ort import onnxruntime as ort
 from .errors import SamOnnxError
@@ -43,6 +43,9 @@ class SessionConfig:
     optimization: str = "all"  # disable, basic, extended, all
     cache_dir: Optional[Path] = None
     strict: bool = False  # raise instead of falling back to CPU
+    #: No pre-packed weight copies, no arena keeping freed activations: for one-off runs of big
+    #: graphs (the exporter's checks), at some speed.
+    low_memory: bool = False
 
 
 @dataclass
@@ -54,6 +57,7 @@ class Session:
     active: List[str]
     fallback_reason: Optional[str] = None
     input_names: List[str] = field(default_factory=list)
+    output_names: List[str] = field(default_factory=list)
 
     def run(self, outputs, feed):
         return self.inner.run(outputs, feed)
@@ -127,7 +131,7 @@ def gpu_unavailable_reason() -> Optional[str]:
     return "; ".join(reasons) or None
 
 
-def _options(config: SessionConfig, model_path: Optional[Path]) -> "ort.SessionOptions":
+def _options(config: SessionConfig) -> "ort.SessionOptions":
     options = ort.SessionOptions()
     options.intra_op_num_threads = config.intra_op_threads
     levels = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -139,24 +143,32 @@ def _options(config: SessionConfig, model_path: Optional[Path]) -> "ort.SessionO
                            f"{', '.join(levels)}")
     options.graph_optimization_level = levels[config.optimization]
     options.log_severity_level = 3  # ONNX Runtime's own fallback chatter: we say it once
+    if config.low_memory:
+        options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_cpu_mem_arena = False
+        options.enable_mem_pattern = False
     return options
 
 
-def create(model: os.PathLike, config: SessionConfig = SessionConfig()) -> Session:
-    """Build a session asking for ``config.providers`` in order, and report a CPU fallback."""
-    path = Path(model)
+def create(model: Union[os.PathLike, str, bytes],
+           config: SessionConfig = SessionConfig()) -> Session:
+    """Build a session asking for ``config.providers`` in order, and report a CPU fallback.
+
+    ``model`` is a path, or serialized bytes for a graph held in memory (not cached)."""
+    in_memory = isinstance(model, bytes)
+    name = "<in-memory graph>" if in_memory else Path(model).name
     requested = [_provider(p) for p in config.providers]
     if CPU not in requested:
         requested.append(CPU)
     available = ort.get_available_providers()
     ort.set_default_logger_severity(3)  # ONNX Runtime's own fallback log: said once below
-    options = _options(config, path)
-    cached = _cached_model(path, config, requested)
+    options = _options(config)
+    cached = None if in_memory else _cached_model(Path(model), config, requested)
     if cached is not None and cached.exists():
-        source = cached  # already optimized: skip the optimizer on this start
+        source = str(cached)  # already optimized: skip the optimizer on this start
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     else:
-        source = path
+        source = model if in_memory else str(model)
         if cached is not None:
             cached.parent.mkdir(parents=True, exist_ok=True)
             options.optimized_model_filepath = str(cached)
@@ -164,16 +176,17 @@ def create(model: os.PathLike, config: SessionConfig = SessionConfig()) -> Sessi
                 "session.optimized_model_external_initializers_file_name", cached.name + ".data")
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    inner = ort.InferenceSession(str(source), options,
+    inner = ort.InferenceSession(source, options,
                                  providers=[p for p in requested if p in available] or [CPU])
     active = inner.get_providers()
-    session = Session(inner, requested, active, input_names=[i.name for i in inner.get_inputs()])
+    session = Session(inner, requested, active, input_names=[i.name for i in inner.get_inputs()],
+                      output_names=[o.name for o in inner.get_outputs()])
     gpu_asked = [p for p in requested if p != CPU]
     if gpu_asked and not any(p in active for p in gpu_asked):
         session.fallback_reason = gpu_unavailable_reason() or (
             f"ONNX Runtime did not enable {', '.join(gpu_asked)} (see its log with "
             "log_severity_level=0)")
-        message = (f"{', '.join(gpu_asked)} requested but {path.name} runs on "
+        message = (f"{', '.join(gpu_asked)} requested but {name} runs on "
                    f"CPUExecutionProvider: {session.fallback_reason}")
         if config.strict:
             raise SamOnnxError(message)

@@ -6,7 +6,7 @@ from typing import List, Tuple
 import onnx
 from onnx import helper
 
-from .contracts import GraphContract, TensorSpec
+from .contracts import CONTRACTS, GraphContract, TensorSpec
 
 
 def _spec(value: onnx.ValueInfoProto) -> TensorSpec:
@@ -69,3 +69,10 @@ def consumed_names(graph: onnx.GraphProto) -> set:
         for sub in subgraphs(node):
             names |= consumed_names(sub)
     return names
+
+
+def nearest_contract(model: onnx.ModelProto) -> Tuple[GraphContract, List[str]]:
+    """The declared contract the graph is closest to, and how it differs (empty: it matches)."""
+    scored = [(mismatches(model, c), c) for c in CONTRACTS.values()]
+    problems, contract = min(scored, key=lambda pc: len(pc[0]))
+    return contract, problems

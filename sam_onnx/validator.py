@@ -16,7 +16,6 @@ from onnx import helper
 
 from . import feeds as feeds_
 from . import metadata, signature
-from .contracts import CONTRACTS
 from .findings import Finding, Report
 
 ModelSource = Union[str, Path, onnx.ModelProto]
@@ -74,7 +73,9 @@ def _ort_type(dtype: str) -> str:
 
 @functools.lru_cache(maxsize=None)
 def runtime_limits() -> Tuple[int, int]:
-    """(max IR version, max ai.onnx opset) the installed ONNX Runtime loads, found by trying."""
+    """(max IR version, max ai.onnx opset) the installed ONNX Runtime loads, found by trying.
+
+    A raw load probe, not a session to run: sessions.create is for those."""
     from ._ort import onnxruntime as ort
 
     def loads(ir: int, opset: int) -> bool:
@@ -215,16 +216,15 @@ def _contracts(model: onnx.ModelProto, report: Report, name: str) -> None:
                 "model", f"the graph no longer follows the {recorded.name} contract recorded in "
                 f"its metadata: {'; '.join(problems)}", "export it again, or repair it to the "
                 "contract", model=name))
-    distances = sorted((len(signature.mismatches(model, c)), c.name, c) for c in CONTRACTS.values())
-    best_n, best_name, best = distances[0]
-    if best_n == 0:
-        report.add(CONTRACT_MATCH.finding("model", f"matches the {best_name} contract",
+    best, problems = signature.nearest_contract(model)
+    if not problems:
+        report.add(CONTRACT_MATCH.finding("model", f"matches the {best.name} contract",
                                           model=name))
     else:
         report.add(CONTRACT_NEAREST.finding(
-            "model", f"matches no declared contract; nearest is {best_name} ({best_n} "
-            f"difference(s): {'; '.join(signature.mismatches(model, best))})",
-            f"sam-onnx repair --auto --feed {best_name}" if best.role == "decoder" else "",
+            "model", f"matches no declared contract; nearest is {best.name} ({len(problems)} "
+            f"difference(s): {'; '.join(problems)})",
+            f"sam-onnx repair --auto --feed {best.name}" if best.role == "decoder" else "",
             model=name))
 
 

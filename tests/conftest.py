@@ -31,3 +31,12 @@ def tiny_export(tmp_path_factory, tiny_checkpoint):
     proc = run_cli("export", "--model", "tiny", "--checkpoint", tiny_checkpoint, "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out, proc
+
+
+def static_points(size, names=("point_coords", "point_labels")):
+    """A graph mutation: fix the point axis of ``names`` at ``size``, as old exports did."""
+    def change(model):
+        for value in model.graph.input:
+            if value.name in names:
+                value.type.tensor_type.shape.dim[1].dim_value = size
+    return change

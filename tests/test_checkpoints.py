@@ -22,7 +22,7 @@ def test_the_tensor_shapes_tell_the_model_type(model_type):
 
 
 def test_a_vit_h_state_dict_refused_as_vit_b_names_what_it_is():
-    with pytest.raises(CheckpointError, match=r"vit_h model, not vit_b: pass --model vit_h"):
+    with pytest.raises(CheckpointError, match=r"the checkpoint is a vit_h checkpoint, not vit_b: pass --model vit_h"):
         build_sam("vit_b", _shapes_only("vit_h"))
 
 

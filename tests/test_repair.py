@@ -12,7 +12,7 @@ from sam_onnx.contracts import DECODER_LOWRES, DECODER_OFFICIAL
 from sam_onnx.errors import SamOnnxError
 from sam_onnx.repairer import repair
 
-from conftest import run_cli
+from conftest import run_cli, static_points
 
 
 @pytest.fixture(scope="module")
@@ -72,12 +72,7 @@ def test_rename(decoders, tmp_path):
 
 
 def test_dynamic_points(decoders, tmp_path):
-    def static(model):
-        for value in model.graph.input:
-            if value.name in ("point_coords", "point_labels"):
-                value.type.tensor_type.shape.dim[1].dim_value = 5
-
-    broken = _broken(decoders["official"], tmp_path, static)
+    broken = _broken(decoders["official"], tmp_path, static_points(5))
     assert "SAM024" in validator.validate(broken, feed="official").codes()
     result = repair(broken, tmp_path / "fixed.onnx", dynamic_points=True)
     assert validator.validate(result.output, feed="official").ok
@@ -166,9 +161,7 @@ def test_official_to_lowres_matches_the_exported_lowres_decoder(decoders, tmp_pa
 def test_auto_makes_a_four_input_graph_take_the_official_feed(decoders, tmp_path):
     def renamed_and_static(model):
         _rename_input("point_coords", "point_coord")(model)
-        for value in model.graph.input:
-            if value.name in ("point_coord", "point_labels"):
-                value.type.tensor_type.shape.dim[1].dim_value = 3
+        static_points(3, ("point_coord", "point_labels"))(model)
 
     broken = _broken(decoders["lowres"], tmp_path, renamed_and_static)
     proc = run_cli("repair", broken, "-o", tmp_path / "auto.onnx", "--auto", "--feed", "official")

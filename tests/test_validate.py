@@ -14,7 +14,7 @@ from sam_onnx import feeds, metadata, validator
 from sam_onnx.contracts import DECODER_OFFICIAL
 from sam_onnx.run_check import run_once
 
-from conftest import run_cli
+from conftest import run_cli, static_points
 
 
 @pytest.fixture(scope="session")
@@ -77,12 +77,7 @@ def test_renamed_inputs_are_reported_with_the_near_miss(exported, tmp_path):
 
 
 def test_a_static_num_points_rejects_another_point_count(exported, tmp_path):
-    def fix_points(model):
-        for value in model.graph.input:
-            if value.name in ("point_coords", "point_labels"):
-                value.type.tensor_type.shape.dim[1].dim_value = 5
-
-    path = _mutated(exported["official"], tmp_path, fix_points)
+    path = _mutated(exported["official"], tmp_path, static_points(5))
     report = validator.validate(path, feed="official")
     dims = [f for f in report.findings if f.code == "SAM024"]
     assert {f.target for f in dims} == {"input:point_coords", "input:point_labels"}
