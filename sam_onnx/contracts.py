@@ -185,8 +185,31 @@ DECODER_LOWRES = GraphContract(
     tolerances=DECODER_OFFICIAL.tolerances,
 )
 
+DECODER_BATCHED = GraphContract(
+    name="batched",
+    role="decoder",
+    doc="Many point prompts against one image embedding in one run, as the automatic mask "
+    "generator needs them: no mask prompt, low-resolution logits and scores per prompt; the "
+    "caller upscales. The work that does not depend on the prompt is done once per run.",
+    inputs=(
+        _IMAGE_EMBEDDINGS,
+        TensorSpec("point_coords", _FP32, ("num_prompts", "num_points", 2),
+                   "(x, y) in the resized 1024-pixel frame, one row of points per prompt"),
+        TensorSpec("point_labels", _FP32, ("num_prompts", "num_points"),
+                   "as for one prompt; the automatic mask generator sends [1, -1] (a point and "
+                   "the padding point)"),
+    ),
+    outputs=(
+        TensorSpec("low_res_masks", _FP32, ("num_prompts", NUM_MASK_TOKENS, _M, _M),
+                   "mask logits at 256x256 per prompt, before upscaling"),
+        TensorSpec("iou_predictions", _FP32, ("num_prompts", NUM_MASK_TOKENS),
+                   "predicted IoU per prompt and mask (single-mask token first)"),
+    ),
+    tolerances=DECODER_OFFICIAL.tolerances,
+)
+
 CONTRACTS: Dict[str, GraphContract] = {
-    c.name: c for c in (ENCODER, DECODER_OFFICIAL, DECODER_LOWRES)
+    c.name: c for c in (ENCODER, DECODER_OFFICIAL, DECODER_LOWRES, DECODER_BATCHED)
 }
 DECODER_CONTRACTS = tuple(name for name, c in CONTRACTS.items() if c.role == "decoder")
 

@@ -16,8 +16,8 @@ from .contracts import CONTRACTS, IMAGE_SIZE, GraphContract
 from .errors import SamOnnxError
 
 #: Values for symbolic dims when a feed is synthesized: two points, as SamPredictor's
-#: one click plus the padding point.
-SYMBOL_VALUES = {"num_points": 2}
+#: one click plus the padding point; two prompts for a batched decoder.
+SYMBOL_VALUES = {"num_points": 2, "num_prompts": 2}
 
 
 @dataclass(frozen=True)

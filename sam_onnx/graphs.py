@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import image_encoder
 from segment_anything.utils.onnx import SamOnnxModel
 
+from .batched_decoder import BatchedDecoder
 from .contracts import IMAGE_SIZE
 
 #: Attention scores held at once, in fp32 elements: one vit_h head (64 MB) in PyTorch, which
@@ -103,7 +104,7 @@ class LowResDecoder(SamOnnxModel):
         return masks, scores
 
 
-DECODERS = {"official": OfficialDecoder, "lowres": LowResDecoder}
+DECODERS = {"official": OfficialDecoder, "lowres": LowResDecoder, "batched": BatchedDecoder}
 
 
 def decoder_module(contract_name: str, sam) -> torch.nn.Module:

@@ -108,21 +108,50 @@ class SamOnnxPredictor:
         """As SamPredictor.predict: (masks CxHxW, scores C, low-res logits Cx256x256)."""
         self._require_image()
         coords, labels = self._prompt(point_coords, point_labels, box)
-        feed = self._feed(coords, labels, mask_input)
-        problems = check_feed(self._decoder_graph, from_arrays(feed)).errors
-        if problems:
-            raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
-        outputs = dict(zip(self.decoder_contract.output_names, self.decoder.run(
-            list(self.decoder_contract.output_names), feed)))
-        picked = slice(1, None) if multimask_output else slice(0, 1)
+        outputs = self._run(self._feed(coords[None], labels[None], mask_input))
+        picked = _mask_slice(multimask_output)
         low_res, scores = outputs["low_res_masks"][0][picked], outputs["iou_predictions"][0][picked]
         if "masks" in outputs:
             masks = outputs["masks"][0][picked]
-        else:  # the lowres contract leaves upscaling to the caller: only the masks returned
+        else:  # lowres and batched contracts leave upscaling to the caller
             masks = transforms.postprocess_masks(low_res, self.input_size, self.original_size)
         if not return_logits:
             masks = masks > MASK_THRESHOLD
         return masks, scores, low_res
+
+    def predict_batch(self, point_coords: np.ndarray, point_labels: np.ndarray,
+                      multimask_output: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """Many point prompts at once, as SamPredictor.predict_torch without boxes (the
+        padding point is added): coords (B, N, 2) in the original image's pixels, labels
+        (B, N) -> low-res logits (B, C, 256, 256) and scores (B, C); no upscaling.
+
+        A ``batched`` decoder takes all B in one run; other decoders run once per prompt."""
+        self._require_image()
+        coords = np.asarray(point_coords, np.float64)
+        labels = np.asarray(point_labels, np.float64)
+        if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
+            raise SamOnnxError(f"point_coords must be BxNx2 and point_labels BxN; got "
+                               f"{coords.shape} and {labels.shape}")
+        b = len(coords)
+        coords = np.concatenate([transforms.apply_coords(coords, self.original_size),
+                                 np.zeros((b, 1, 2))], axis=1)
+        labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
+        if self.decoder_contract.name == "batched":
+            outputs = [self._run(self._feed(coords, labels, None))]
+        else:
+            outputs = [self._run(self._feed(coords[i:i + 1], labels[i:i + 1], None))
+                       for i in range(b)]
+        picked = _mask_slice(multimask_output)
+        low_res = np.concatenate([o["low_res_masks"] for o in outputs])[:, picked]
+        scores = np.concatenate([o["iou_predictions"] for o in outputs])[:, picked]
+        return low_res, scores
+
+    def _run(self, feed):
+        problems = check_feed(self._decoder_graph, from_arrays(feed)).errors
+        if problems:
+            raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
+        names = list(self.decoder_contract.output_names)
+        return dict(zip(names, self.decoder.run(names, feed)))
 
     def _prompt(self, point_coords, point_labels, box):
         h, w = self.original_size
@@ -163,7 +192,11 @@ class SamOnnxPredictor:
         return transforms.apply_coords(coords, self.original_size), lab
 
     def _feed(self, coords, labels, mask_input):
+        """The decoder's inputs, by its contract, for (B, N, 2) coords in the 1024 frame."""
         mask = np.zeros((1, 1, MASK_INPUT_SIZE, MASK_INPUT_SIZE), np.float32)
+        if mask_input is not None and "mask_input" not in self.decoder_contract.input_names:
+            raise SamOnnxError(f"this {self.decoder_contract.name} decoder takes no mask_input; "
+                               "refine with an official or lowres decoder")
         if mask_input is not None:
             m = np.asarray(mask_input, dtype=np.float32)
             if m.shape not in ((1, MASK_INPUT_SIZE, MASK_INPUT_SIZE),
@@ -173,10 +206,15 @@ class SamOnnxPredictor:
             mask[...] = m.reshape(mask.shape)
         values = {
             "image_embeddings": self.features,
-            "point_coords": coords[None].astype(np.float32),
-            "point_labels": labels[None].astype(np.float32),
+            "point_coords": coords.astype(np.float32),
+            "point_labels": labels.astype(np.float32),
             "mask_input": mask,
             "has_mask_input": np.array([float(mask_input is not None)], np.float32),
             "orig_im_size": np.array(self.original_size, np.float32),
         }
         return {name: values[name] for name in self.decoder_contract.input_names}
+
+
+def _mask_slice(multimask_output: bool) -> slice:
+    """SamPredictor's choice: the three multimask outputs, or the single-mask token."""
+    return slice(1, None) if multimask_output else slice(0, 1)

@@ -55,9 +55,28 @@ def random_embeddings(seed: int = 0) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32)
 
 
+def grid_prompts(prompt: Prompt, per_side: int = 3) -> Tuple[np.ndarray, np.ndarray]:
+    """A batched decoder's check: each of the prompt's points and a grid over its image, one
+    point per prompt as the automatic mask generator sends them: (B, 1, 2) and (B, 1)."""
+    h, w = prompt.image_size
+    offsets = (np.arange(per_side) + 0.5) / per_side
+    grid = np.stack(np.meshgrid(offsets * w, offsets * h), -1).reshape(-1, 2)
+    points = np.concatenate([prompt.points, grid])
+    labels = np.concatenate([prompt.labels, np.ones(len(grid))])
+    coords = ResizeLongestSide(IMAGE_SIZE).apply_coords(points, prompt.image_size)
+    return coords[:, None, :], labels[:, None]
+
+
 def decoder_feed(contract: GraphContract, embeddings: np.ndarray, prompt: Prompt) -> Arrays:
     """The feed a SamPredictor-like wrapper builds for ``contract`` from ``prompt``."""
     transform = ResizeLongestSide(IMAGE_SIZE)
+    if contract.name == "batched":
+        coords, labels = grid_prompts(prompt)
+        pad = np.zeros_like(coords)
+        return {"image_embeddings": embeddings,
+                "point_coords": np.concatenate([coords, pad], 1).astype(np.float32),
+                "point_labels": np.concatenate([labels, -np.ones_like(labels)], 1)
+                .astype(np.float32)}
     coords = transform.apply_coords(prompt.points, prompt.image_size)
     labels = prompt.labels
     if prompt.box is not None:
@@ -84,6 +103,14 @@ def decoder_reference(sam, contract: GraphContract, embeddings: np.ndarray,
                       prompt: Prompt) -> Arrays:
     """What segment_anything computes for ``prompt``: all four masks, logits and scores."""
     transform = ResizeLongestSide(IMAGE_SIZE)
+    if contract.name == "batched":  # as SamPredictor.predict_torch, which adds the padding
+        coords, labels = (torch.from_numpy(a).float() for a in grid_prompts(prompt))
+        sparse, dense = sam.prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low_res, iou = sam.mask_decoder.predict_masks(
+            image_embeddings=torch.from_numpy(embeddings),
+            image_pe=sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
+        return {"low_res_masks": low_res.numpy(), "iou_predictions": iou.numpy()}
     coords = torch.from_numpy(transform.apply_coords(prompt.points, prompt.image_size)).float()
     labels = torch.from_numpy(prompt.labels).float()
     box = None
