@@ -157,7 +157,7 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou_threshold: float) -> np.ndarr
 def mask_to_rle(masks: np.ndarray) -> List[Rle]:
     """(K, H, W) bool -> uncompressed RLEs, column-major, counts starting with zeros."""
     k, h, w = masks.shape
-    flat = masks.transpose(0, 2, 1).reshape(k, -1)
+    flat = masks.transpose(0, 2, 1).reshape(k, h * w)
     out = []
     for row in flat:
         change = np.flatnonzero(row[1:] != row[:-1]) + 1
@@ -195,6 +195,25 @@ def coco_encode_rle(rle: Rle) -> Rle:
                 c |= 0x20
             chars.append(chr(c + 48))
     return {"size": list(rle["size"]), "counts": "".join(chars)}
+
+
+def coco_decode_rle(rle: Rle) -> Rle:
+    """The inverse of coco_encode_rle (pycocotools' rleFrString)."""
+    text, counts, pos = rle["counts"], [], 0
+    while pos < len(text):
+        x, shift, more = 0, 0, True
+        while more:
+            c = ord(text[pos]) - 48
+            x |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                x |= -1 << shift
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return {"size": list(rle["size"]), "counts": counts}
 
 
 def remove_small_regions(mask: np.ndarray, area_thresh: float,

@@ -243,5 +243,56 @@ def _bbox(mask) -> list:
             int(ys.max() - ys.min() + 1)] if len(xs) else [0, 0, 0, 0]
 
 
+@main.command()
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--encoder", type=click.Path(path_type=Path), required=True)
+@click.option("--decoder", type=click.Path(path_type=Path), required=True,
+              help="Best a batched decoder (export --decoder-contract batched).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder for IMAGE.json (COCO-style, compressed RLE) and IMAGE.png (overlay).")
+@click.option("--points-per-side", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--points-per-batch", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--pred-iou-thresh", type=float, default=0.88, show_default=True)
+@click.option("--stability-score-thresh", type=float, default=0.95, show_default=True)
+@click.option("--stability-score-offset", type=float, default=1.0, show_default=True)
+@click.option("--box-nms-thresh", type=float, default=0.7, show_default=True)
+@click.option("--crop-n-layers", type=click.IntRange(0), default=0, show_default=True)
+@click.option("--crop-nms-thresh", type=float, default=0.7, show_default=True)
+@click.option("--crop-overlap-ratio", type=float, default=512 / 1500, show_default=True)
+@click.option("--crop-n-points-downscale-factor", type=click.IntRange(1), default=1,
+              show_default=True)
+@click.option("--min-mask-region-area", type=click.IntRange(0), default=0, show_default=True,
+              help="Fill holes and drop islands smaller than this (needs scipy).")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
+              help="Processes sharing the images, each with its share of the CPU threads.")
+@click.option("--providers", default="cuda,cpu", show_default=True)
+@_expected_errors
+def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) -> None:
+    """Segment everything in each image (files or folders of images): segment_anything's
+    automatic mask generator on ONNX Runtime."""
+    from tqdm import tqdm
+
+    from .segment import SegmentJob, find_images, segment_images
+
+    images = find_images(inputs)
+    job = SegmentJob(encoder, decoder, out_dir, generator, tuple(providers.split(",")))
+    grid = generator["points_per_side"] ** 2
+    with tqdm(total=len(images), unit="image", disable=None) as bar, \
+            tqdm(total=grid, unit="prompt", leave=False, disable=None if workers == 1 else True) \
+            as prompts:
+        def on_batch(done, total):
+            prompts.total = total
+            prompts.n = done
+            prompts.refresh()
+
+        def on_image(result):
+            bar.update(1)
+            bar.write(f"{result['image']}: {result['masks']} masks")
+            prompts.n = 0
+
+        segment_images(images, job, workers, on_image, on_batch)
+    click.echo(f"wrote {len(images)} JSON file(s) and overlay(s) to {out_dir}")
+
+
 if __name__ == "__main__":
     main()

@@ -96,3 +96,60 @@ def report(graph: str, precision: str, tolerance: Tolerance,
     """``per_feed`` maps a feed name to (actual outputs, reference outputs)."""
     rows = [row for feed, (act, ref) in per_feed.items() for row in compare(feed, act, ref, tolerance)]
     return ParityReport(graph, precision, tolerance, rows)
+
+
+#: The automatic mask generator's gate: same count, matched masks IoU >= 0.98, boxes within
+#: a pixel (issue #5).
+RECORDS_MIN_IOU = 0.98
+RECORDS_MAX_BOX_DIFF = 1.0
+
+
+@dataclass(frozen=True)
+class RecordsParity:
+    """How one generator's mask records compare with a reference generator's."""
+
+    reference_count: int
+    count: int
+    min_iou: float  # over matched records; 1.0 when there are none
+    max_box_diff: float  # pixels, XYWH
+    max_score_diff: float  # predicted_iou and stability_score
+    unmatched: int
+
+    @property
+    def passed(self) -> bool:
+        return (self.reference_count == self.count and not self.unmatched
+                and self.min_iou >= RECORDS_MIN_IOU and self.max_box_diff <= RECORDS_MAX_BOX_DIFF)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+
+def compare_records(reference: List[dict], records: List[dict]) -> RecordsParity:
+    """Match each reference record with the record from the same prompt point and crop whose
+    mask overlaps it most; segmentations as binary masks (output_mode="binary_mask")."""
+    by_prompt: Dict[tuple, List[dict]] = {}
+    for r in records:
+        by_prompt.setdefault(_prompt_key(r), []).append(r)
+    ious, box_diffs, score_diffs, unmatched = [], [], [], 0
+    for ref in reference:
+        candidates = by_prompt.get(_prompt_key(ref), [])
+        if not candidates:
+            unmatched += 1
+            continue
+        scored = [(_binary_iou(ref["segmentation"], c["segmentation"]), c) for c in candidates]
+        iou, best = max(scored, key=lambda s: s[0])
+        ious.append(iou)
+        box_diffs.append(float(np.abs(np.subtract(ref["bbox"], best["bbox"])).max()))
+        score_diffs.append(max(abs(ref["predicted_iou"] - best["predicted_iou"]),
+                               abs(ref["stability_score"] - best["stability_score"])))
+    return RecordsParity(len(reference), len(records), min(ious, default=1.0),
+                         max(box_diffs, default=0.0), max(score_diffs, default=0.0), unmatched)
+
+
+def _prompt_key(record: dict) -> tuple:
+    return tuple(np.round(record["point_coords"][0], 3)), tuple(record["crop_box"])
+
+
+def _binary_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,3 +42,14 @@ def save_overlay(image: np.ndarray, mask: np.ndarray, path: Path,
         color = (0, 220, 0) if label == 1 else (230, 30, 30)
         draw.ellipse([x - r, y - r, x + r, y + r], fill=color, outline=(255, 255, 255))
     _save(img, path)
+
+
+def save_masks_overlay(image: np.ndarray, masks: Iterable[np.ndarray], path: Path,
+                       seed: int = 0) -> None:
+    """Every mask blended in its own colour (as segment_anything's notebooks show them)."""
+    out = image.astype(np.float32)
+    rng = np.random.default_rng(seed)
+    for mask in masks:
+        color = rng.integers(40, 256, 3).astype(np.float32)
+        out[mask] = 0.5 * out[mask] + 0.5 * color
+    _save(Image.fromarray(out.round().astype(np.uint8)), path)

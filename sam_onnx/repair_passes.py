@@ -42,16 +42,24 @@ def rename(model: onnx.ModelProto, mapping: Dict[str, str]) -> List[str]:
 
 
 def dynamic_points(model: onnx.ModelProto) -> List[str]:
-    """Make the point axis of point_coords/point_labels the symbolic ``num_points``."""
+    """Make the point axis of point_coords/point_labels the symbolic ``num_points``, and a
+    fixed prompt axis other than 1 (a batched decoder exported for one batch size) the
+    symbolic ``num_prompts``."""
     changes = []
     for value in model.graph.input:
-        if value.name in POINT_INPUTS:
-            dim = value.type.tensor_type.shape.dim[1]
-            if not dim.HasField("dim_param") or dim.dim_param != "num_points":
+        if value.name not in POINT_INPUTS:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        wanted = {1: "num_points"}
+        if dims[0].HasField("dim_value") and dims[0].dim_value != 1:
+            wanted[0] = "num_prompts"
+        for axis, symbol in wanted.items():
+            dim = dims[axis]
+            if not dim.HasField("dim_param") or dim.dim_param != symbol:
                 before = dim.dim_value if dim.HasField("dim_value") else dim.dim_param
                 dim.Clear()
-                dim.dim_param = "num_points"
-                changes.append(f"{value.name} axis 1: {before} -> num_points")
+                dim.dim_param = symbol
+                changes.append(f"{value.name} axis {axis}: {before} -> {symbol}")
     if changes:  # inferred shapes inside the graph may still say the old size
         del model.graph.value_info[:]
     return changes

@@ -199,7 +199,8 @@ def _auto_plan(model: onnx.ModelProto, feed: str) -> dict:
     for value in model.graph.input:
         if renames.get(value.name, value.name) in passes.POINT_INPUTS:
             dim = value.type.tensor_type.shape.dim
-            if len(dim) > 1 and dim[1].HasField("dim_value"):
+            fixed_prompts = dim and dim[0].HasField("dim_value") and dim[0].dim_value != 1
+            if len(dim) > 1 and (dim[1].HasField("dim_value") or fixed_prompts):
                 plan["dynamic_points"] = True
     return plan
 

@@ -190,9 +190,9 @@ def create(model: Union[os.PathLike, str, bytes],
                    f"CPUExecutionProvider: {session.fallback_reason}")
         if config.strict:
             raise SamOnnxError(message)
-        if message not in _warned:
-            _warned.add(message)
-            log.info("%s", message)
+        if session.fallback_reason not in _warned:  # once per reason, not once per graph
+            _warned.add(session.fallback_reason)
+            log.debug("%s", message)
             warnings.warn(message, ProviderFallbackWarning, stacklevel=2)
     return session
 

@@ -40,3 +40,14 @@ def static_points(size, names=("point_coords", "point_labels")):
             if value.name in names:
                 value.type.tensor_type.shape.dim[1].dim_value = size
     return change
+
+
+@pytest.fixture(scope="session")
+def tiny_batched(tmp_path_factory, tiny_checkpoint) -> Path:
+    """The tiny model's batched decoder, exported (and checked) through the library."""
+    import sam_onnx
+
+    out = tmp_path_factory.mktemp("batched")
+    sam_onnx.export("tiny", checkpoint=tiny_checkpoint, out_dir=out, encoder=False,
+                    decoder_contract="batched", isolate=False)
+    return out / "tiny_decoder_batched.onnx"
