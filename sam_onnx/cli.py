@@ -294,5 +294,101 @@ def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) 
     click.echo(f"wrote {len(images)} JSON file(s) and overlay(s) to {out_dir}")
 
 
+@main.command()
+@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES), required=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path),
+              help="The .pth the graphs were exported from.")
+@click.option("--random-weights", is_flag=True, help="The seeded random weights that "
+              "export --random-weights uses.")
+@click.option("--encoder", type=click.Path(path_type=Path))
+@click.option("--decoder", type=click.Path(path_type=Path))
+@click.option("--export-to", type=click.Path(path_type=Path),
+              help="Export the graphs to this folder first, then check them.")
+@click.option("--decoder-contract", type=click.Choice(DECODER_CONTRACTS), default="official",
+              show_default=True, help="With --export-to: the decoder to export.")
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
+              help="Repeatable; by default three synthetic images of different shapes.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default="fp32",
+              show_default=True, help="The tolerances to hold the graphs to (with --export-to, "
+              "also the variant exported).")
+@click.option("--providers", default="cpu", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
+              default="text", show_default=True)
+@_expected_errors
+def check(model_type, checkpoint, random_weights, encoder, decoder, export_to, decoder_contract,
+          images, precision, providers, fmt) -> None:
+    """Compare ONNX graphs with segment_anything in PyTorch: embeddings, logits, scores and
+    masks per image and prompt. Exit 0 when every comparison is within tolerance, else 1."""
+    from .check import check as run_check
+
+    if export_to is None and (encoder is None or decoder is None):
+        raise click.UsageError("give --encoder and --decoder, or --export-to DIR")
+    if export_to is not None and (encoder or decoder):
+        raise click.UsageError("give either --encoder/--decoder or --export-to, not both")
+    report = run_check(model_type, checkpoint, random_weights=random_weights, encoder=encoder,
+                       decoder=decoder, export_to=export_to, decoder_contract=decoder_contract,
+                       images=images, precision=precision, providers=tuple(providers.split(",")))
+    click.echo(report.render(fmt))
+    if not report.passed:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES), required=True)
+@click.option("--checkpoint", type=click.Path(path_type=Path))
+@click.option("--random-weights", is_flag=True)
+@click.option("--encoder", type=click.Path(path_type=Path))
+@click.option("--decoder", type=click.Path(path_type=Path),
+              help="A batched decoder makes the automatic-mask row fast.")
+@click.option("--export-to", type=click.Path(path_type=Path),
+              help="Export the graphs (encoder and batched decoder) here first.")
+@click.option("--image", type=click.Path(path_type=Path),
+              help="By default a synthetic image of --size.")
+@click.option("--size", default="1024x1024", show_default=True,
+              help="HxW of the synthetic image when no --image is given.")
+@click.option("--providers", default="cuda,cpu", show_default=True,
+              help="ONNX Runtime providers, each measured on its own.")
+@click.option("--repeat", type=click.IntRange(1), default=3, show_default=True)
+@click.option("--automatic/--no-automatic", default=True, show_default=True,
+              help="Also time automatic mask generation.")
+@click.option("--points-per-side", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--out", "markdown", type=click.Path(path_type=Path),
+              help="Write the Markdown table here.")
+@click.option("--json", "json_path", type=click.Path(path_type=Path),
+              help="Write every number and the environment as JSON here.")
+@click.option("--plot", type=click.Path(path_type=Path),
+              help="Write a bar chart PNG here (needs matplotlib).")
+@_expected_errors
+def bench(model_type, checkpoint, random_weights, encoder, decoder, export_to, image, size,
+          providers, repeat, automatic, points_per_side, markdown, json_path, plot) -> None:
+    """PyTorch and ONNX Runtime side by side: start-up, encoder, one prompt, automatic masks,
+    peak RSS; medians of repeated runs, each pipeline in a fresh process."""
+    from .bench import BenchConfig, bench as run_bench, write_outputs
+
+    if export_to is None and (encoder is None or decoder is None):
+        raise click.UsageError("give --encoder and --decoder, or --export-to DIR")
+    if export_to is not None and (encoder or decoder):
+        raise click.UsageError("give either --encoder/--decoder or --export-to, not both")
+    hw = _floats(size.replace("x", ","), (2,), "--size")
+    if plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise SamOnnxError("--plot needs matplotlib: pip install 'sam-onnx[plot]'") from None
+    if export_to is not None:
+        from .exporter import export
+
+        result = export(model_type, checkpoint, random_weights=random_weights, out_dir=export_to,
+                        decoder_contract="batched")
+        encoder, decoder = result.graph("encoder").path, result.graph("decoder").path
+    cfg = BenchConfig(model_type, checkpoint, random_weights, encoder, decoder, image,
+                      (int(hw[0]), int(hw[1])), repeat, automatic=automatic,
+                      points_per_side=points_per_side)
+    report = run_bench(cfg, tuple(providers.split(",")), log=lambda m: click.echo(m, err=True))
+    click.echo(report.markdown())
+    for path in write_outputs(report, markdown, json_path, plot):
+        click.echo(f"wrote {path}", err=True)
+
+
 if __name__ == "__main__":
     main()

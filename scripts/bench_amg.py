@@ -1,0 +1,183 @@
+"""Benchmark automatic mask generation: segment_anything's generator in PyTorch and
+SamOnnxAutomaticMaskGenerator on ONNX Runtime, side by side in one run, same image and weights.
+
+Every run is a fresh process (so its peak RSS is its own), the pipelines alternate within each
+repeat, and every ONNX run's records are compared with PyTorch's (same count, matched masks
+IoU >= 0.98, boxes within a pixel). Reported: end to end, after the encoder, masks, peak RSS.
+
+    python scripts/bench_amg.py --model vit_b --image ../shared/data/images/groceries.jpg \
+        --image synthetic512 --out docs/bench_amg.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+KEEPING = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+
+
+def synthetic(size: int = 512) -> np.ndarray:
+    """A deterministic test card: gradients, a checkerboard and three solid shapes."""
+    y, x = np.mgrid[0:size, 0:size]
+    img = np.stack([x * 255 // size, y * 255 // size, ((x // 32 + y // 32) % 2) * 200], -1)
+    img[100:220, 80:260] = [230, 40, 40]
+    img[300:460, 300:420] = [40, 200, 60]
+    img[((x - 380) ** 2 + (y - 140) ** 2) < 60 ** 2] = [250, 250, 30]
+    return img.astype(np.uint8)
+
+
+def load(image: str) -> np.ndarray:
+    from sam_onnx.images import load_image
+
+    return synthetic() if image == "synthetic512" else load_image(image)
+
+
+def child(args) -> None:
+    """One pipeline, one image, one run: prints a JSON line."""
+    start = time.perf_counter()
+    settings = json.loads(args.settings)
+    if args.pipeline == "torch":
+        from segment_anything import SamAutomaticMaskGenerator
+
+        from sam_onnx.checkpoints import build_sam, load_state_dict
+
+        sam = build_sam(args.model, load_state_dict(Path(args.checkpoint)))
+        gen = SamAutomaticMaskGenerator(sam, output_mode="uncompressed_rle", **settings)
+    else:
+        from sam_onnx.automatic import SamOnnxAutomaticMaskGenerator
+        from sam_onnx.predictor import SamOnnxPredictor
+        from sam_onnx.sessions import SessionConfig
+
+        predictor = SamOnnxPredictor(args.encoder, args.decoder, SessionConfig(providers=("cpu",)))
+        gen = SamOnnxAutomaticMaskGenerator(predictor, output_mode="uncompressed_rle", **settings)
+    init = time.perf_counter() - start
+    image = load(args.image)
+    encoder_time = []
+    set_image = gen.predictor.set_image
+
+    def timed_set_image(*a, **k):
+        t = time.perf_counter()
+        set_image(*a, **k)
+        encoder_time.append(time.perf_counter() - t)
+
+    gen.predictor.set_image = timed_set_image
+    start = time.perf_counter()
+    records = gen.generate(image)
+    total = time.perf_counter() - start
+    Path(args.records).write_text(json.dumps([
+        {**r, "segmentation": r["segmentation"]} for r in records]))
+    print(json.dumps({"init_s": init, "total_s": total, "encoder_s": sum(encoder_time),
+                      "after_encoder_s": total - sum(encoder_time), "masks": len(records),
+                      "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}))
+
+
+def run_child(pipeline: str, image: str, settings: dict, args, records: Path, **paths) -> dict:
+    cmd = [sys.executable, __file__, "--child", pipeline, "--model", args.model,
+           "--image", image, "--settings", json.dumps(settings), "--records", str(records)]
+    for key, value in paths.items():
+        cmd += [f"--{key}", str(value)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{pipeline} on {image} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def parity(reference: Path, records: Path):
+    from sam_onnx import amg
+    from sam_onnx.parity import compare_records
+
+    def masks(path):
+        recs = json.loads(path.read_text())
+        for r in recs:
+            r["segmentation"] = amg.rle_to_mask(r["segmentation"])
+        return recs
+
+    return compare_records(masks(reference), masks(records))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child")
+    parser.add_argument("--model", default="vit_b")
+    parser.add_argument("--image", action="append", default=[])
+    parser.add_argument("--settings", default="{}")
+    parser.add_argument("--records")
+    parser.add_argument("--checkpoint")
+    parser.add_argument("--encoder")
+    parser.add_argument("--decoder")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--torch-repeat", type=int, default=2)
+    parser.add_argument("--keeping", action="store_true",
+                        help="Also one run with thresholds that keep masks (random weights).")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sam-onnx-bench")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        args.pipeline, args.image = args.child, args.image[0]
+        return child(args)
+
+    import sam_onnx
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_export import random_checkpoint
+
+    ckpt = random_checkpoint(args.model, args.work)
+    out = args.work / f"amg-{args.model}"
+    name = f"{args.model}_decoder_batched"
+    if not (out / f"{name}.int8.onnx").exists():
+        sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out, decoder_contract="batched",
+                        quantize="int8")
+    enc = out / f"{args.model}_encoder.onnx"
+    variants = {"onnx fp32": (enc, out / f"{name}.onnx"),
+                "onnx int8": (out / f"{args.model}_encoder.int8.onnx", out / f"{name}.int8.onnx")}
+    results = {"model": args.model, "weights": "random (segment_anything builders, saved .pth)",
+               "runs": []}
+    tmp = Path(tempfile.mkdtemp())
+    plans = [(image, {}, args.torch_repeat, args.repeat) for image in args.image]
+    if args.keeping:
+        plans.append((args.image[-1], KEEPING, 1, 1))
+    for image, settings, torch_repeat, repeat in plans:
+        rows = {k: [] for k in ["torch", *variants]}
+        gates = {}
+        for i in range(max(torch_repeat, repeat)):
+            ref = tmp / "torch.json"
+            if i < torch_repeat or not ref.exists():
+                rows["torch"].append(run_child("torch", image, settings, args, ref,
+                                               checkpoint=ckpt))
+                print("torch", image, rows["torch"][-1], flush=True)
+            for label, (e, d) in variants.items():
+                if i >= repeat:
+                    continue
+                recs = tmp / f"{label}.json"
+                rows[label].append(run_child("onnx", image, settings, args, recs, encoder=e,
+                                             decoder=d))
+                gates[label] = parity(ref, recs).to_dict()
+                print(label, image, rows[label][-1], gates[label], flush=True)
+        summary = {}
+        for label, runs in rows.items():
+            summary[label] = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            summary[label]["runs"] = len(runs)
+            summary[label]["total_s_all"] = [round(r["total_s"], 2) for r in runs]
+        for label in variants:
+            summary[label]["speedup_end_to_end"] = summary["torch"]["total_s"] / summary[label]["total_s"]
+            summary[label]["speedup_after_encoder"] = (summary["torch"]["after_encoder_s"]
+                                                       / summary[label]["after_encoder_s"])
+            summary[label]["records_parity"] = gates[label]
+        results["runs"].append({"image": Path(image).name, "settings": settings or "defaults",
+                                "pipelines": summary})
+        print(json.dumps(results["runs"][-1], indent=1), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""`sam-onnx check` and `sam-onnx bench` end to end: on the tiny model, on vit_b random weights
+(heavy), with a deliberately broken decoder, a CUDA request on a CPU-only machine, bad input."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+from PIL import Image
+
+from conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_export, tiny_checkpoint, tiny_batched):
+    out, _ = tiny_export
+    return {"encoder": out / "tiny_encoder.onnx", "official": out / "tiny_decoder_official.onnx",
+            "batched": tiny_batched, "checkpoint": tiny_checkpoint}
+
+
+def _broken_decoder(src: Path, dst: Path) -> Path:
+    """The official decoder with its IoU head's last bias shifted: scores go wrong, masks not."""
+    model = onnx.load(str(src))
+    target = next(i for i in model.graph.initializer
+                  if "iou_prediction_head" in i.name and i.name.endswith("bias")
+                  and len(i.dims) == 1 and i.dims[0] == 4)
+    target.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(target) + 0.5, target.name))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_check_passes_on_the_exported_graphs(graphs, tmp_path):
+    image = tmp_path / "wide.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 260, 3), np.uint8)).save(image)
+    proc = run_cli("check", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
+                   graphs["encoder"], "--decoder", graphs["official"], "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["passed"] and report["decoder_contract"] == "official"
+    stages = {(r["stage"], r["output"]) for r in report["rows"]}
+    assert {("encoder", "image_embeddings"), ("decoder", "low_res_masks"),
+            ("decoder", "iou_predictions"), ("decoder", "masks")} <= stages
+    cases = {r["case"] for r in report["rows"]}
+    assert {"points", "box", "points+box", "points refined"} <= cases
+    assert len({r["image"] for r in report["rows"]}) == 3  # three shapes by default
+    proc = run_cli("check", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
+                   graphs["encoder"], "--decoder", graphs["batched"], "--image", image,
+                   "--format", "markdown")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "| stage | image |" in proc.stdout and "**PASS" in proc.stdout
+    assert "automatic masks" in proc.stdout and "takes no mask_input" in proc.stdout
+
+
+def test_check_fails_a_broken_decoder_and_names_the_output(graphs, tmp_path):
+    broken = _broken_decoder(graphs["official"], tmp_path / "broken.onnx")
+    proc = run_cli("check", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
+                   graphs["encoder"], "--decoder", broken)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.startswith("FAIL") and "iou_predictions" in last
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_exports_then_holds_int8_to_its_gate(graphs, tmp_path):
+    proc = run_cli("check", "--model", "tiny", "--checkpoint", graphs["checkpoint"],
+                   "--export-to", tmp_path / "out", "--precision", "int8", "--format", "json")
+    report = json.loads(proc.stdout)
+    assert report["precision"] == "int8" and report["encoder"].endswith(".int8.onnx")
+    assert proc.returncode == (0 if report["passed"] else 1)
+    masks = [r for r in report["rows"] if r["output"] == "masks"]
+    assert masks and all(r["limit"] == 0.95 for r in masks)
+    assert all((r["status"] == "pass") == (r["value"] >= 0.95) for r in masks)
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--model", "tiny", "--random-weights"], 2, "--encoder and --decoder"),
+    (["--model", "tiny", "--random-weights", "--encoder", "{encoder}", "--decoder",
+      "{official}"], 1, "was exported from weights"),
+    (["--model", "tiny", "--checkpoint", "{checkpoint}", "--encoder", "{encoder}",
+      "--decoder", "{official}", "--image", "missing.png"], 1, "missing.png"),
+    (["--model", "tiny", "--checkpoint", "{checkpoint}", "--encoder", "{encoder}",
+      "--decoder", "{official}", "--precision", "fp8"], 2, "fp8"),
+])
+def test_check_bad_arguments(graphs, args, code, words):
+    proc = run_cli("check", *[a.format(**graphs) for a in args])
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_bench_reports_pytorch_and_onnx_and_never_calls_cpu_cuda(graphs, tmp_path):
+    md, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    proc = run_cli("bench", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
+                   graphs["encoder"], "--decoder", graphs["batched"], "--size", "200x300",
+                   "--repeat", "2", "--points-per-side", "3", "--providers", "cuda,cpu",
+                   "--out", md, "--json", js)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(js.read_text())
+    assert set(report["pipelines"]) == {"PyTorch", "ONNX cpu"}
+    assert "ONNX cuda" in report["skipped"] and report["skipped"]["ONNX cuda"]
+    cpu = report["pipelines"]["ONNX cpu"]
+    assert cpu["providers"]["encoder"] == ["CPUExecutionProvider"]
+    for pipeline in report["pipelines"].values():
+        assert pipeline["encoder_s"]["runs"] == 2 and pipeline["encoder_s"]["median"] > 0
+        assert pipeline["prompt_ms"]["median"] > 0 and pipeline["peak_rss_gib"] > 0.1
+        assert pipeline["automatic_masks"] >= 0
+    assert report["environment"]["gemm_gflops"] > 1 and report["environment"]["encoder_tflop"] > 0
+    table = md.read_text()
+    assert "| metric | PyTorch | ONNX cpu | ratio |" in table
+    assert "ONNX cuda: not run" in table and "encoder, % of fp32 GEMM floor" in table
+
+
+@pytest.mark.parametrize("args, code, words", [
+    (["--model", "tiny", "--random-weights"], 2, "--encoder and --decoder"),
+    (["--model", "tiny", "--checkpoint", "{checkpoint}", "--encoder", "{encoder}",
+      "--decoder", "{batched}", "--size", "big"], 2, "--size"),
+    (["--model", "tiny", "--checkpoint", "{checkpoint}", "--encoder", "{encoder}",
+      "--decoder", "nope.onnx"], 1, "nope.onnx does not exist"),
+])
+def test_bench_bad_arguments(graphs, args, code, words):
+    proc = run_cli("bench", *[a.format(**graphs) for a in args])
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert words in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.heavy
+def test_check_and_bench_on_vit_b_random_weights(tmp_path):
+    image = tmp_path / "card.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (240, 320, 3), np.uint8)).save(image)
+    out = tmp_path / "vit_b"
+    proc = run_cli("check", "--model", "vit_b", "--random-weights", "--export-to", out,
+                   "--decoder-contract", "batched", "--image", image)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
+    js = tmp_path / "bench.json"
+    proc = run_cli("bench", "--model", "vit_b", "--random-weights", "--encoder",
+                   out / "vit_b_encoder.onnx", "--decoder", out / "vit_b_decoder_batched.onnx",
+                   "--image", image, "--repeat", "1", "--points-per-side", "2", "--json", js)
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(js.read_text())["pipelines"]) >= {"PyTorch", "ONNX cpu"}
+    shutil.rmtree(out)
