@@ -11,7 +11,8 @@ from .errors import CheckpointError, ParityError, SamOnnxError
 __version__ = "0.1.0"
 __all__ = ["CONTRACTS", "DECODER_CONTRACTS", "ENCODER", "GraphContract", "TensorSpec",
            "SamOnnxError", "CheckpointError", "ParityError", "export", "validate",
-           "validate_pair", "Report", "repair", "SamOnnxPredictor"]
+           "validate_pair", "Report", "repair", "SamOnnxPredictor",
+           "SamOnnxAutomaticMaskGenerator", "check"]
 
 
 def __getattr__(name):
@@ -31,4 +32,12 @@ def __getattr__(name):
         from .predictor import SamOnnxPredictor
 
         return SamOnnxPredictor
+    if name == "SamOnnxAutomaticMaskGenerator":
+        from .automatic import SamOnnxAutomaticMaskGenerator
+
+        return SamOnnxAutomaticMaskGenerator
+    if name == "check":
+        from .check import check
+
+        return check
     raise AttributeError(f"module 'sam_onnx' has no attribute {name!r}")

@@ -158,12 +158,12 @@ def mask_to_rle(masks: np.ndarray) -> List[Rle]:
     """(K, H, W) bool -> uncompressed RLEs, column-major, counts starting with zeros."""
     k, h, w = masks.shape
     flat = masks.transpose(0, 2, 1).reshape(k, h * w)
+    which, where = np.nonzero(flat[:, 1:] != flat[:, :-1])  # row-major: grouped by mask
+    per_mask = np.split(where + 1, np.searchsorted(which, np.arange(1, k)))
     out = []
-    for row in flat:
-        change = np.flatnonzero(row[1:] != row[:-1]) + 1
-        bounds = np.concatenate([[0], change, [h * w]])
-        counts = np.diff(bounds).tolist()
-        out.append({"size": [h, w], "counts": ([0] if row[0] else []) + counts})
+    for first, change in zip(flat[:, 0], per_mask):
+        counts = np.diff(np.concatenate([[0], change, [h * w]])).tolist()
+        out.append({"size": [h, w], "counts": ([0] if first else []) + counts})
     return out
 
 

@@ -27,7 +27,7 @@ log = logging.getLogger("sam_onnx.automatic")
 
 OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
 #: Upscaled float32 logits held at once while post-processing a batch.
-CHUNK_BYTES = 256 << 20
+CHUNK_BYTES = 64 << 20
 
 Model = Union[SamOnnxPredictor, Tuple[Union[str, Path], Union[str, Path]]]
 
@@ -155,13 +155,10 @@ class SamOnnxAutomaticMaskGenerator:
                        crop_box: List[int], orig_size: Tuple[int, int]) -> amg.MaskData:
         low_res, iou = self.predictor.predict_batch(points[:, None, :],
                                                     np.ones((len(points), 1)))
-        per_point = low_res.shape[1]
-        low_res = low_res.reshape(-1, *low_res.shape[2:])
-        iou = iou.reshape(-1)
-        pts = np.repeat(points, per_point, axis=0)
         keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else \
-            np.ones(len(iou), bool)
-        low_res, iou, pts = low_res[keep], iou[keep], pts[keep]
+            np.ones(iou.shape, bool)  # (prompts, masks): only kept logits are copied
+        low_res, iou = low_res[keep], iou[keep]
+        pts = np.repeat(points[:, None], keep.shape[1], axis=1)[keep]
         orig_h, orig_w = orig_size
         h, w = im_size
         chunk = max(1, CHUNK_BYTES // (4 * h * w))

@@ -43,20 +43,20 @@ def _per_head_weight(linear: nn.Linear, num_heads: int) -> torch.Tensor:
     return linear.weight.reshape(num_heads, d_int // num_heads, c)
 
 
-def _token_to_image(attn, tokens: torch.Tensor, image: torch.Tensor, image_pe: torch.Tensor,
+def _token_to_image(attn, tokens: torch.Tensor, image: torch.Tensor, image_with_pe: torch.Tensor,
                     shared: bool) -> torch.Tensor:
-    """``attn(q=tokens, k=image + image_pe, v=image)``; ``shared``: image is (1, N, C)."""
+    """``attn(q=tokens, k=image_with_pe, v=image)``; ``shared``: image is (1, N, C)."""
     h = attn.num_heads
     q = _heads(attn.q_proj(tokens), h)  # (B, h, T, d)
     scale = 1.0 / math.sqrt(q.shape[-1])
     if shared:
-        k = _heads(attn.k_proj(image + image_pe), h)  # (1, h, N, d), once per batch
+        k = _heads(attn.k_proj(image_with_pe), h)  # (1, h, N, d), once per batch
         v = _heads(attn.v_proj(image), h)
         out = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
     else:
         b, _, t, _ = q.shape
         qk = q @ _per_head_weight(attn.k_proj, h)  # (B, h, T, C); the key bias cancels
-        scores = qk.reshape(b, h * t, -1) @ (image + image_pe).transpose(1, 2)  # (B, hT, N)
+        scores = qk.reshape(b, h * t, -1) @ image_with_pe.transpose(1, 2)  # (B, hT, N)
         mixed = torch.softmax(scores * scale, dim=-1) @ image  # (B, hT, C)
         wv = _per_head_weight(attn.v_proj, h).transpose(1, 2)  # (h, C, d)
         out = mixed.reshape(b, h, t, -1) @ wv + attn.v_proj.bias.reshape(h, 1, -1)
@@ -83,8 +83,10 @@ def _image_to_token(attn, image_q: torch.Tensor, tokens_k: torch.Tensor,
         scores = (image_q @ m + bias.reshape(b, 1, h * t)).reshape(b, -1, h, t)
     probs = torch.softmax(scores * scale, dim=-1).reshape(b, -1, h * t)  # (B, N, hT)
     wo = attn.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0)  # (h, d, C)
-    values = (v @ wo).reshape(b, h * t, -1)  # (B, hT, C): values already out-projected
-    return probs @ values + attn.out_proj.bias
+    # (B, hT, C): values already out-projected; every head's probabilities sum to 1, so the
+    # output bias is added to the few values (bias / heads) instead of the N outputs
+    values = (v @ wo).reshape(b, h * t, -1) + attn.out_proj.bias / h
+    return probs @ values
 
 
 class BatchedDecoder(nn.Module):
@@ -130,13 +132,14 @@ class BatchedDecoder(nn.Module):
                 q = queries + tokens
                 queries = queries + layer.self_attn(q=q, k=q, v=queries)
             queries = layer.norm1(queries)
+            keys_pe = keys + pe  # both cross attentions of a layer see the same keys
             queries = layer.norm2(queries + _token_to_image(
-                layer.cross_attn_token_to_image, queries + tokens, keys, pe, shared))
+                layer.cross_attn_token_to_image, queries + tokens, keys, keys_pe, shared))
             queries = layer.norm3(queries + layer.mlp(queries))
             keys = layer.norm4(keys + _image_to_token(
-                layer.cross_attn_image_to_token, keys + pe, queries + tokens, queries, shared))
+                layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, shared))
         queries = transformer.norm_final_attn(queries + _token_to_image(
-            transformer.final_attn_token_to_image, queries + tokens, keys, pe,
+            transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe,
             shared=len(transformer.layers) == 0))
 
         iou = dec.iou_prediction_head(queries[:, 0, :])

@@ -20,7 +20,9 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 from .errors import SamOnnxError
 
@@ -134,7 +136,8 @@ def _cell(metrics: Dict, key: str, fmt: str) -> str:
     return fmt.format(value)
 
 
-def _timed(fn: Callable, repeat: int, warmup: int = 1) -> Dict:
+def timed(fn: Callable, repeat: int, warmup: int = 1) -> Dict:
+    """Median and spread (max - min) of ``repeat`` runs after ``warmup`` runs, in seconds."""
     for _ in range(warmup):
         fn()
     times = []
@@ -143,15 +146,16 @@ def _timed(fn: Callable, repeat: int, warmup: int = 1) -> Dict:
         fn()
         times.append(time.perf_counter() - start)
     return {"median": statistics.median(times), "spread": max(times) - min(times),
-            "runs": len(times)}
+            "runs": len(times), "times": times}
 
 
 def _scaled(t: Dict, factor: float) -> Dict:
-    return {**t, "median": t["median"] * factor, "spread": t["spread"] * factor}
+    return {**t, "median": t["median"] * factor, "spread": t["spread"] * factor,
+            "times": [x * factor for x in t["times"]]}
 
 
-def _image(cfg: BenchConfig):
-    import numpy as np
+def _image(cfg: BenchConfig) -> np.ndarray:
+    from PIL import Image
 
     from .check import default_images
     from .images import load_image
@@ -160,13 +164,27 @@ def _image(cfg: BenchConfig):
         return load_image(cfg.image)
     h, w = cfg.image_size or (1024, 1024)
     base = default_images()[0][1]  # a 512x512 test card, resized to the size asked for
-    from PIL import Image
-
     return np.asarray(Image.fromarray(base).resize((w, h), Image.BILINEAR))
 
 
+def _measure(predictor, make_generator: Callable, cfg: BenchConfig) -> Tuple[Dict, np.ndarray]:
+    """Encoder, one prompt and (optionally) automatic masks, the same way for both sides."""
+    image = _image(cfg)
+    out = {"encoder_s": timed(lambda: predictor.set_image(image), cfg.repeat)}
+    h, w = image.shape[:2]
+    point = np.array([[w * _PROMPT[0], h * _PROMPT[1]]])
+    out["prompt_ms"] = _scaled(timed(lambda: predictor.predict(point, np.array([1])),
+                                      cfg.prompt_repeat, warmup=3), 1e3)
+    if cfg.automatic:
+        gen = make_generator(points_per_side=cfg.points_per_side)
+        masks = []
+        out["automatic_s"] = timed(lambda: masks.append(len(gen.generate(image))),
+                                    max(1, cfg.repeat - 1), warmup=0)
+        out["automatic_masks"] = masks[-1]
+    return out, image
+
+
 def _torch_pipeline(cfg: BenchConfig) -> Dict:
-    import numpy as np
     import torch
     from segment_anything import SamAutomaticMaskGenerator, SamPredictor
     from torch.utils.flop_counter import FlopCounterMode
@@ -178,33 +196,19 @@ def _torch_pipeline(cfg: BenchConfig) -> Dict:
     sam = load_weights(cfg.model_type, cfg.checkpoint, random_weights=cfg.random_weights,
                        progress=False).sam
     predictor = SamPredictor(sam)
-    out = {"init_s": time.perf_counter() - start}
-    image = _image(cfg)
-    out["encoder_s"] = _timed(lambda: predictor.set_image(image), cfg.repeat)
-    h, w = image.shape[:2]
-    point = np.array([[w * _PROMPT[0], h * _PROMPT[1]]])
-    out["prompt_ms"] = _scaled(_timed(lambda: predictor.predict(point, np.array([1])),
-                                      cfg.prompt_repeat, warmup=3), 1e3)
-    if cfg.automatic:
-        gen = SamAutomaticMaskGenerator(sam, points_per_side=cfg.points_per_side)
-        masks = []
-        out["automatic_s"] = _timed(lambda: masks.append(len(gen.generate(image))),
-                                    max(1, cfg.repeat - 1), warmup=0)
-        out["automatic_masks"] = masks[-1]
+    init = time.perf_counter() - start
+    out, image = _measure(predictor, lambda **kw: SamAutomaticMaskGenerator(sam, **kw), cfg)
     x, _ = transforms.image_to_input(image)
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
         sam.image_encoder(torch.from_numpy(x))
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    mm = _timed(lambda: torch.mm(a, b), 10, warmup=3)
-    out["encoder_flops"] = counter.get_total_flops()
-    out["gemm_flops_per_s"] = 2 * 2048 ** 3 / mm["median"]
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return out
+    mm = timed(lambda: torch.mm(a, b), 10, warmup=3)
+    return {"init_s": init, **out, "encoder_flops": counter.get_total_flops(),
+            "gemm_flops_per_s": 2 * 2048 ** 3 / mm["median"],
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
 def _onnx_pipeline(cfg: BenchConfig, provider: str) -> Dict:
-    import numpy as np
-
     from .automatic import SamOnnxAutomaticMaskGenerator
     from .predictor import SamOnnxPredictor
     from .sessions import SessionConfig
@@ -212,22 +216,12 @@ def _onnx_pipeline(cfg: BenchConfig, provider: str) -> Dict:
     start = time.perf_counter()
     predictor = SamOnnxPredictor(cfg.encoder, cfg.decoder,
                                  SessionConfig(providers=(provider,), strict=True))
-    out = {"init_s": time.perf_counter() - start,
-           "providers": {"encoder": predictor.encoder.active, "decoder": predictor.decoder.active}}
-    image = _image(cfg)
-    out["encoder_s"] = _timed(lambda: predictor.set_image(image), cfg.repeat)
-    h, w = image.shape[:2]
-    point = np.array([[w * _PROMPT[0], h * _PROMPT[1]]])
-    out["prompt_ms"] = _scaled(_timed(lambda: predictor.predict(point, np.array([1])),
-                                      cfg.prompt_repeat, warmup=3), 1e3)
-    if cfg.automatic:
-        gen = SamOnnxAutomaticMaskGenerator(predictor, points_per_side=cfg.points_per_side)
-        masks = []
-        out["automatic_s"] = _timed(lambda: masks.append(len(gen.generate(image))),
-                                    max(1, cfg.repeat - 1), warmup=0)
-        out["automatic_masks"] = masks[-1]
-    out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-    return out
+    init = time.perf_counter() - start
+    out, _ = _measure(predictor, lambda **kw: SamOnnxAutomaticMaskGenerator(predictor, **kw),
+                      cfg)
+    return {"init_s": init, **out,
+            "providers": {"encoder": predictor.encoder.active, "decoder": predictor.decoder.active},
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
 def _in_fresh_process(fn, *args) -> Dict:

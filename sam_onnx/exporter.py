@@ -199,10 +199,8 @@ def _check(path: Path, contract: GraphContract, precision: str,
     log.info("parity %s", parity.summary())
     if not parity.passed:
         w = parity.worst
-        raise ParityError(
-            f"{path.name} disagrees with PyTorch on {w.output} for '{w.feed}': max |err| "
-            f"{w.max_abs_err:.3g} > allowed {w.allowed:.3g}; nothing was written"
-        )
+        raise ParityError(f"{path.name} disagrees with PyTorch on {w.output} for '{w.feed}': "
+                          f"{w.describe()}; nothing was written")
     return ExportedGraph(contract.role, contract, precision, path, parity)
 
 

@@ -21,13 +21,22 @@ class OutputParity:
     ref_max_abs: float
     allowed: float
     mask_iou: Optional[float]  # thresholded-mask IoU, for mask-logit outputs
+    min_mask_iou: float = 0.0
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_err <= self.allowed
+        return self.max_abs_err <= self.allowed and (
+            self.mask_iou is None or self.mask_iou >= self.min_mask_iou)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "passed": self.passed}
+
+    def describe(self) -> str:
+        """Why the row fails (or how close it is): the error, or the masks' overlap."""
+        if self.max_abs_err <= self.allowed and self.mask_iou is not None \
+                and self.mask_iou < self.min_mask_iou:
+            return f"masks overlap at IoU {self.mask_iou:.4f} < {self.min_mask_iou}"
+        return f"max |err| {self.max_abs_err:.3g} (allowed {self.allowed:.3g})"
 
 
 @dataclass(frozen=True)
@@ -43,7 +52,8 @@ class ParityReport:
 
     @property
     def worst(self) -> OutputParity:
-        return max(self.rows, key=lambda r: r.max_abs_err / max(r.allowed, 1e-30))
+        failed = [r for r in self.rows if not r.passed]
+        return max(failed or self.rows, key=lambda r: r.max_abs_err / max(r.allowed, 1e-30))
 
     def to_dict(self) -> dict:
         return {
@@ -87,7 +97,7 @@ def compare(feed: str, actual: Mapping[str, np.ndarray], reference: Mapping[str,
         if not np.isfinite(got).all():
             err = float("inf")
         iou = mask_iou(got, ref) if name in _MASK_OUTPUTS else None
-        rows.append(OutputParity(feed, name, err, ref_max, allowed, iou))
+        rows.append(OutputParity(feed, name, err, ref_max, allowed, iou, tolerance.min_mask_iou))
     return rows
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from . import metadata, signature, transforms
-from .contracts import MASK_INPUT_SIZE, MASK_THRESHOLD, GraphContract
+from .contracts import MASK_INPUT_SIZE, MASK_THRESHOLD, NUM_MASK_TOKENS, GraphContract
 from .errors import SamOnnxError
 from .feeds import from_arrays
 from .images import ImageLike, load_image
@@ -141,16 +141,15 @@ class SamOnnxPredictor:
         coords = np.concatenate([transforms.apply_coords(coords, self.original_size),
                                  np.zeros((b, 1, 2))], axis=1)
         labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
-        if self.decoder_contract.name == "batched":  # bounded runs: same speed, less memory
-            step = self.decoder_batch
-            outputs = [self._run(self._feed(coords[i:i + step], labels[i:i + step], None))
-                       for i in range(0, b, step)]
-        else:
-            outputs = [self._run(self._feed(coords[i:i + 1], labels[i:i + 1], None))
-                       for i in range(b)]
         picked = _mask_slice(multimask_output)
-        low_res = np.concatenate([o["low_res_masks"] for o in outputs])[:, picked]
-        scores = np.concatenate([o["iou_predictions"] for o in outputs])[:, picked]
+        step = self.decoder_batch if self.decoder_contract.name == "batched" else 1
+        n = len(range(NUM_MASK_TOKENS)[picked])
+        low_res = np.empty((b, n, MASK_INPUT_SIZE, MASK_INPUT_SIZE), np.float32)
+        scores = np.empty((b, n), np.float32)
+        for i in range(0, b, step):  # bounded runs: same speed per prompt, less memory
+            out = self._run(self._feed(coords[i:i + step], labels[i:i + step], None))
+            low_res[i:i + step] = out["low_res_masks"][:, picked]
+            scores[i:i + step] = out["iou_predictions"][:, picked]
         return low_res, scores
 
     def _run(self, feed):

@@ -135,9 +135,8 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
                 changes.append("outputs not compared: this ONNX Runtime cannot run the original")
             elif not result.parity.passed:
                 w = result.parity.worst
-                raise SamOnnxError(f"the repaired graph's {w.output} differs from the original's"
-                                   f" by {w.max_abs_err:.3g} (> {w.allowed:.3g}); nothing was "
-                                   "written")
+                raise SamOnnxError(f"the repaired graph's {w.output} differs from the "
+                                   f"original's: {w.describe()}; nothing was written")
         if in_place:
             for path in [src, *src.parent.glob(src.name + ".data")]:
                 shutil.copy2(path, path.with_name(path.name + ".bak"))

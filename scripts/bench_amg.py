@@ -177,6 +177,27 @@ def main() -> None:
         print(json.dumps(results["runs"][-1], indent=1), flush=True)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    """The docs/benchmarks.md table: one row per image, settings and pipeline."""
+    lines = ["| image | settings | pipeline | end to end (s) | after the encoder (s) | masks | "
+             "peak RSS (GiB) | speed-up end to end | records = PyTorch's |",
+             "|" + "---|" * 9]
+    for run in results["runs"]:
+        settings = "defaults" if run["settings"] == "defaults" else "masks kept"
+        for label, p in run["pipelines"].items():
+            gate = p.get("records_parity")
+            same = "" if gate is None else ("yes" if gate["passed"] else
+                                            f"**no** (min IoU {gate['min_iou']:.3f})")
+            speed = f"{p['speedup_end_to_end']:.2f}x" if "speedup_end_to_end" in p else ""
+            spread = "" if p["runs"] < 2 else \
+                f" ({min(p['total_s_all']):.1f}-{max(p['total_s_all']):.1f})"
+            lines.append(f"| {run['image']} | {settings} | {label} | {p['total_s']:.1f}{spread} "
+                         f"| {p['after_encoder_s']:.1f} | {p['masks']:.0f} | "
+                         f"{p['peak_rss_gib']:.2f} | {speed} | {same} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -13,22 +13,17 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from sam_onnx.bench import timed
+
 
 def median_time(fn, repeat: int, warmup: int = 1) -> list:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+    """The run times, for the JSON: sam-onnx bench's timer."""
+    return timed(fn, repeat, warmup)["times"]
 
 
 def gemm_rate(n: int = 2048, repeat: int = 10) -> float:

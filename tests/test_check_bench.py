@@ -140,3 +140,27 @@ def test_check_and_bench_on_vit_b_random_weights(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(js.read_text())["pipelines"]) >= {"PyTorch", "ONNX cpu"}
     shutil.rmtree(out)
+
+
+def test_check_reads_the_contract_of_a_graph_without_sam_onnx_metadata(graphs, tmp_path):
+    """As a decoder from segment-anything's own export script: no sam_onnx.* metadata."""
+    model = onnx.load(str(graphs["official"]))
+    del model.metadata_props[:]
+    plain = tmp_path / "sam_onnx_example.onnx"
+    onnx.save(model, str(plain))
+    proc = run_cli("check", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
+                   graphs["encoder"], "--decoder", plain, "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["decoder_contract"] == "official"
+
+
+def test_the_parity_gate_holds_masks_to_their_overlap():
+    from sam_onnx.contracts import DECODER_OFFICIAL
+    from sam_onnx.parity import compare
+
+    tol = DECODER_OFFICIAL.tolerances["int8"]
+    ref = {"low_res_masks": np.linspace(-1, 1, 1000).reshape(1, 1, 10, 100)}
+    shifted = {"low_res_masks": ref["low_res_masks"] + 0.2}  # within rtol 0.25, masks move
+    (row,) = compare("feed", shifted, ref, tol)
+    assert row.max_abs_err <= row.allowed and row.mask_iou < tol.min_mask_iou
+    assert not row.passed and "IoU" in row.describe()

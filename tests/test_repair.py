@@ -206,3 +206,22 @@ def test_repair_reports_in_json_free_text(decoders, tmp_path):
                    "official")
     assert proc.returncode == 0 and "parity" in proc.stdout
     assert json.loads(run_cli("validate", tmp_path / "o.onnx", "--format", "json").stdout)["ok"]
+
+
+def test_auto_makes_a_fixed_batch_batched_decoder_take_any_prompt_count(tiny_batched,
+                                                                        tmp_path):
+    """A batched decoder exported for one batch size (16 prompts of 2 points), as other tools
+    write them: validate says so for the batched feed, --auto makes both axes symbolic."""
+    def fix_batch(model):
+        for value in model.graph.input:
+            if value.name in ("point_coords", "point_labels"):
+                value.type.tensor_type.shape.dim[0].dim_value = 16
+                value.type.tensor_type.shape.dim[1].dim_value = 2
+
+    broken = _broken(tiny_batched, tmp_path, fix_batch)
+    assert not validator.validate(broken, feed="batched").ok
+    result = repair(broken, tmp_path / "fixed.onnx", auto_feed="batched")
+    assert any("num_prompts" in c for c in result.changes)
+    assert any("num_points" in c for c in result.changes)
+    assert validator.validate(tmp_path / "fixed.onnx", feed="batched", run=True).ok
+    assert metadata.read(onnx.load(str(tmp_path / "fixed.onnx")))["contract"] == "batched"
