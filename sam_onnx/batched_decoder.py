@@ -15,7 +15,7 @@ them in every attention layer (3.6 GFLOP per prompt). Here, with the same weight
   channels-last tokens, and the mask tokens are applied before the pixels are put in order.
 
 Measured on this 2-core machine: ~19 ms per prompt in ONNX Runtime, flat from 8 to 128
-prompts a run; segment_anything's decoder in PyTorch takes ~110 ms per prompt.
+prompts a run; segment_anything's decoder in PyTorch takes ~95-130 ms per prompt.
 
 About 1.4 GFLOP per prompt remain, most of it the upscaler (0.8 GFLOP) that no
 reassociation removes (a layer norm and GELUs sit between its products).

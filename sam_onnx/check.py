@@ -48,6 +48,7 @@ class CheckReport:
     decoder: str
     decoder_contract: str
     weights: str
+    providers: List[str] = field(default_factory=list)  # what really ran, not what was asked
     rows: List[Row] = field(default_factory=list)
 
     @property
@@ -79,8 +80,8 @@ class CheckReport:
                  f"{r.limit:.4g}", r.status + (f" ({r.note})" if r.note else "")]
                 for r in self.rows]
         title = (f"{self.model_type} {self.precision}: {Path(self.encoder).name} + "
-                 f"{Path(self.decoder).name} ({self.decoder_contract}) vs segment_anything, "
-                 f"weights {self.weights}")
+                 f"{Path(self.decoder).name} ({self.decoder_contract}) on "
+                 f"{', '.join(self.providers)} vs segment_anything, weights {self.weights}")
         if fmt == "markdown":
             lines = [f"**{title}**", "", "| " + " | ".join(head) + " |",
                      "|" + "---|" * len(head)]
@@ -146,7 +147,7 @@ def check(model_type: str, checkpoint: Optional[Path] = None, *, random_weights:
     dec_tol = contract.tolerances.get(precision, CONTRACTS["official"].tolerances[precision])
     torch_pred = SamPredictor(weights.sam)
     report = CheckReport(model_type, precision, str(encoder), str(decoder), contract.name,
-                         weights.checksum)
+                         weights.checksum, onnx_pred.decoder.active)
     for name, img in (loaded or default_images()):
         onnx_pred.set_image(img)
         torch_pred.set_image(img)

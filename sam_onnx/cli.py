@@ -83,7 +83,7 @@ def export(**options) -> None:
 
 @main.command()
 @click.argument("models", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--feed", help="A contract name (official, lowres), a .json description of "
+@click.option("--feed", help="A contract name (official, lowres, batched), a .json description of "
               "names/dtypes/shapes, or an .npz of arrays.")
 @click.option("--run", "run_", is_flag=True, help="Also run one inference (loads the weights).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text",

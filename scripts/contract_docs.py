@@ -24,7 +24,8 @@ def main() -> None:
     for c in CONTRACTS.values():
         print(f"## `{c.name}` ({c.role})\n\n{c.doc}\n")
         print(f"Inputs:\n\n{table(c.inputs)}\n\nOutputs:\n\n{table(c.outputs)}\n")
-        tol = ", ".join(f"{p}: atol {t.atol:g} + rtol {t.rtol:g} x max|torch|"
+        tol = "; ".join(f"{p}: atol {t.atol:g} + rtol {t.rtol:g} x max|torch|"
+                        + (f", masks IoU >= {t.min_mask_iou:g}" if c.role == "decoder" else "")
                         for p, t in c.tolerances.items())
         print(f"Parity with PyTorch: {tol}.\n")
 

@@ -35,10 +35,13 @@ def test_check_passes_on_the_exported_graphs(graphs, tmp_path):
     image = tmp_path / "wide.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (120, 260, 3), np.uint8)).save(image)
     proc = run_cli("check", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
-                   graphs["encoder"], "--decoder", graphs["official"], "--format", "json")
+                   graphs["encoder"], "--decoder", graphs["official"], "--format", "json",
+                   "--providers", "cuda,cpu")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["passed"] and report["decoder_contract"] == "official"
+    assert report["providers"] == ["CPUExecutionProvider"]  # CUDA asked for, CPU reported
+    assert "CUDAExecutionProvider requested but" in proc.stderr
     stages = {(r["stage"], r["output"]) for r in report["rows"]}
     assert {("encoder", "image_embeddings"), ("decoder", "low_res_masks"),
             ("decoder", "iou_predictions"), ("decoder", "masks")} <= stages
@@ -90,12 +93,14 @@ def test_check_bad_arguments(graphs, args, code, words):
 
 
 def test_bench_reports_pytorch_and_onnx_and_never_calls_cpu_cuda(graphs, tmp_path):
-    md, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    md, js, png = tmp_path / "bench.md", tmp_path / "bench.json", tmp_path / "bench.png"
     proc = run_cli("bench", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
                    graphs["encoder"], "--decoder", graphs["batched"], "--size", "200x300",
                    "--repeat", "2", "--points-per-side", "3", "--providers", "cuda,cpu",
-                   "--out", md, "--json", js)
+                   "--out", md, "--json", js, "--plot", png)
     assert proc.returncode == 0, proc.stderr
+    width, height = Image.open(png).size
+    assert width > 400 and height > 200
     report = json.loads(js.read_text())
     assert set(report["pipelines"]) == {"PyTorch", "ONNX cpu"}
     assert "ONNX cuda" in report["skipped"] and report["skipped"]["ONNX cuda"]
