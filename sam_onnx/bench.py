@@ -82,7 +82,8 @@ class BenchReport:
                      f"encoder {env['encoder_tflop']:.3f} TFLOP: floor "
                      f"{env['encoder_floor_s']:.2f} s")
         versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-        notes.append(f"- {env['cpu']}, {env['cores']} cores; {versions}")
+        threads = ", ".join(f"{k} {v}" for k, v in env["threads"].items())
+        notes.append(f"- {env['cpu']}, {env['cores']} cores, threads: {threads}; {versions}")
         return "\n".join(lines + [""] + notes)
 
     def plot(self, path: Path) -> None:
@@ -204,7 +205,7 @@ def _torch_pipeline(cfg: BenchConfig) -> Dict:
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     mm = timed(lambda: torch.mm(a, b), 10, warmup=3)
     return {"init_s": init, **out, "encoder_flops": counter.get_total_flops(),
-            "gemm_flops_per_s": 2 * 2048 ** 3 / mm["median"],
+            "gemm_flops_per_s": 2 * 2048 ** 3 / mm["median"], "threads": torch.get_num_threads(),
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
 
 
@@ -266,11 +267,13 @@ def bench(cfg: BenchConfig, providers: Sequence[str] = ("cuda", "cpu"),
             report.skipped[label] = str(exc)
     t = report.pipelines["PyTorch"]
     flops, gemm = t.pop("encoder_flops"), t.pop("gemm_flops_per_s")
+    threads = {"torch": t.pop("threads"), "onnxruntime intra-op": os.cpu_count()}
     floor = flops / gemm
     for metrics in report.pipelines.values():
         metrics["encoder_floor_pct"] = 100 * floor / metrics["encoder_s"]["median"]
     report.environment = {
-        "cpu": _cpu_name(), "cores": os.cpu_count(), "platform": platform.platform(),
+        "cpu": _cpu_name(), "cores": os.cpu_count(), "threads": threads,
+        "platform": platform.platform(),
         "versions": library_versions(), "gemm_gflops": gemm / 1e9,
         "encoder_tflop": flops / 1e12, "encoder_floor_s": floor}
     return report

@@ -110,7 +110,9 @@ def test_bench_reports_pytorch_and_onnx_and_never_calls_cpu_cuda(graphs, tmp_pat
         assert pipeline["encoder_s"]["runs"] == 2 and pipeline["encoder_s"]["median"] > 0
         assert pipeline["prompt_ms"]["median"] > 0 and pipeline["peak_rss_gib"] > 0.1
         assert pipeline["automatic_masks"] >= 0
-    assert report["environment"]["gemm_gflops"] > 1 and report["environment"]["encoder_tflop"] > 0
+    env = report["environment"]
+    assert env["gemm_gflops"] > 1 and env["encoder_tflop"] > 0 and env["threads"]["torch"] >= 1
+    assert env["versions"]["onnxruntime"] and env["cpu"]
     table = md.read_text()
     assert "| metric | PyTorch | ONNX cpu | ratio |" in table
     assert "ONNX cuda: not run" in table and "encoder, % of fp32 GEMM floor" in table
