@@ -220,10 +220,11 @@ def _manifest(result: ExportResult, record: Dict) -> Dict:
 
 @contextlib.contextmanager
 def _quiet_logging():
-    """onnxruntime.quantization reports through the root logger; hold it to warnings."""
+    """onnxruntime.quantization reports through the root logger, advice included; hold it to
+    errors."""
     root = logging.getLogger()
     level = root.level
-    root.setLevel(max(level, logging.WARNING))
+    root.setLevel(max(level, logging.ERROR))
     try:
         yield
     finally:
