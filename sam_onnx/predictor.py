@@ -72,7 +72,10 @@ class SamOnnxPredictor:
         rgb = load_image(image, image_format)
         x, self.input_size = transforms.image_to_input(rgb)
         self.original_size = rgb.shape[:2]
-        self.features = self.encoder.run(None, {self.encoder.input_names[0]: x})[0]
+        # once per image: its ~1.6 GB (vit_b) of activations go back rather than stay with
+        # the encoder while the decoder runs
+        self.features = self.encoder.run(None, {self.encoder.input_names[0]: x},
+                                         release_memory=True)[0]
         self.is_image_set = True
 
     def get_image_embedding(self) -> np.ndarray:

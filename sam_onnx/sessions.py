@@ -62,8 +62,14 @@ class Session:
     input_names: List[str] = field(default_factory=list)
     output_names: List[str] = field(default_factory=list)
 
-    def run(self, outputs, feed):
-        return self.inner.run(outputs, feed)
+    def run(self, outputs, feed, release_memory: bool = False):
+        """``release_memory``: hand the run's activations back at its end (ONNX Runtime's
+        arena keeps them otherwise), for graphs run once in a while, like the encoder."""
+        if not release_memory:
+            return self.inner.run(outputs, feed)
+        options = ort.RunOptions()
+        options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+        return self.inner.run(outputs, feed, options)
 
 
 def _provider(name: str) -> str:
