@@ -22,6 +22,7 @@ def random_checkpoint(model_type: str, folder: Path) -> Path:
     """Save random weights built by segment_anything as a real checkpoint file (once)."""
     path = folder / f"random_{model_type}.pth"
     if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
         code = ("import torch,sys; from sam_onnx.checkpoints import build_sam; "
                 "torch.save(build_sam(sys.argv[1]).state_dict(), sys.argv[2])")
         subprocess.run([sys.executable, "-c", code, model_type, str(path)], check=True)
