@@ -1,8 +1,9 @@
 """The torch modules that are exported, one per contract.
 
 They reuse segment_anything's own modules and its ONNX helpers
-(``segment_anything.utils.onnx.SamOnnxModel``); only what stops a graph from being
-correct for every image size is rewritten.
+(``segment_anything.utils.onnx.SamOnnxModel``); rewritten are what stops a graph from being
+correct for every image size, and the mask decoder's arithmetic (``fast_decoder``: the same
+result in far fewer FLOPs).
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from segment_anything.modeling import image_encoder
 from segment_anything.utils.onnx import SamOnnxModel
 
-from .batched_decoder import BatchedDecoder
+from .fast_decoder import BatchedDecoder, predict_masks
 from .contracts import IMAGE_SIZE
 
 #: Attention scores held at once, in fp32 elements: one vit_h head (64 MB) in PyTorch, which
@@ -60,7 +61,21 @@ def chunked_attention(chunk_elements: int):
         image_encoder.Attention.forward = original
 
 
-class OfficialDecoder(SamOnnxModel):
+class _FastSamOnnxModel(SamOnnxModel):
+    """SamOnnxModel whose mask decoder runs through ``fast_decoder.predict_masks``."""
+
+    def __init__(self, sam) -> None:
+        super().__init__(sam, return_single_mask=False)
+        pe = sam.prompt_encoder.get_dense_pe().detach()  # (1, C, 64, 64), a constant
+        self.register_buffer("image_pe", pe.flatten(2).transpose(1, 2).contiguous())
+
+    def _predict(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
+        dense = self._embed_masks(mask_input, has_mask_input)
+        return predict_masks(self.mask_decoder, image_embeddings + dense, self.image_pe,
+                             self._embed_points(point_coords, point_labels))
+
+
+class OfficialDecoder(_FastSamOnnxModel):
     """The ``official`` contract: segment-anything's decoder, returning all four masks.
 
     segment-anything crops the upscaled masks with ``int(tensor)``, which the tracer
@@ -68,8 +83,12 @@ class OfficialDecoder(SamOnnxModel):
     exporting.  Here the crop indexes with ``arange(size)``, which stays dynamic.
     """
 
-    def __init__(self, sam) -> None:
-        super().__init__(sam, return_single_mask=False)
+    @torch.no_grad()
+    def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input,
+                orig_im_size):
+        masks, scores = self._predict(image_embeddings, point_coords, point_labels, mask_input,
+                                      has_mask_input)
+        return self.mask_postprocessing(masks, orig_im_size), scores, masks
 
     def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
         masks = F.interpolate(masks, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
@@ -81,27 +100,17 @@ class OfficialDecoder(SamOnnxModel):
         return F.interpolate(masks, size=(size[0], size[1]), mode="bilinear", align_corners=False)
 
 
-class LowResDecoder(SamOnnxModel):
+class LowResDecoder(_FastSamOnnxModel):
     """The ``lowres`` contract: four inputs, low-res logits and scores; no upscaling.
 
     Without a ``has_mask_input`` the mask prompt is used when ``mask_input`` is not all zero.
     """
 
-    def __init__(self, sam) -> None:
-        super().__init__(sam, return_single_mask=False)
-
     @torch.no_grad()
     def forward(self, image_embeddings, point_coords, point_labels, mask_input):
         has_mask_input = (mask_input.abs().amax() > 0).to(torch.float32).reshape(1)
-        sparse = self._embed_points(point_coords, point_labels)
-        dense = self._embed_masks(mask_input, has_mask_input)
-        masks, scores = self.model.mask_decoder.predict_masks(
-            image_embeddings=image_embeddings,
-            image_pe=self.model.prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-        )
-        return masks, scores
+        return self._predict(image_embeddings, point_coords, point_labels, mask_input,
+                             has_mask_input)
 
 
 DECODERS = {"official": OfficialDecoder, "lowres": LowResDecoder, "batched": BatchedDecoder}

@@ -188,6 +188,18 @@ def to_lowres(model: onnx.ModelProto) -> List[str]:
             "dropped the masks output and its upscaling"]
 
 
+def keep_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of ``model`` that computes only the outputs ``names``: the nodes and
+    initializers only the other outputs used are gone."""
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    outputs = [o for o in pruned.graph.output if o.name in set(names)]
+    del pruned.graph.output[:]
+    pruned.graph.output.extend(outputs)
+    _prune(pruned.graph)
+    return pruned
+
+
 def _prune(graph: onnx.GraphProto) -> None:
     """Remove nodes and initializers no graph output depends on."""
     needed = {o.name for o in graph.output}

@@ -1,23 +1,22 @@
-"""The ``batched`` decoder: segment_anything's mask decoder for many point prompts at once,
-rewritten so that it does far fewer FLOPs than running it per prompt, with the same result.
+"""segment_anything's mask decoder rewritten to do far fewer FLOPs with the same result;
+every decoder contract is exported through it.
 
 segment_anything repeats the 64x64 image tokens for every prompt and projects all 4,096 of
 them in every attention layer (3.6 GFLOP per prompt). Here, with the same weights:
 
-* the first layer's image tokens do not depend on the prompt (image embedding plus the
-  no-mask embedding): their key, value and query projections run once per batch;
-* after that the image tokens differ per prompt, but every attention between them and the
-  prompt's 7 tokens is reassociated so the projection acts on the 7 tokens instead of on the
-  4,096 image tokens: ``(q Wk)(x + pe)^T`` instead of ``q (Wk (x + pe))^T``, ``(A x) Wv``
-  instead of ``A (x Wv)``, and the output projection folded into the 7 token values
-  (key biases shift every score of a row equally, which softmax ignores);
+* every attention between the image tokens and a prompt's ~7 tokens is reassociated so the
+  projection acts on the 7 tokens instead of on the 4,096 image tokens: ``(q Wk)(x + pe)^T``
+  instead of ``q (Wk (x + pe))^T``, ``(A x) Wv`` instead of ``A (x Wv)``, and the output
+  projection folded into the 7 token values (key biases shift every score of a row equally,
+  which softmax ignores);
+* for many prompts without a mask prompt (the ``batched`` contract) the first layer's image
+  tokens are the same for every prompt, so their projections run once per batch instead;
 * the two transposed 2x2/stride-2 convolutions of the upscaler are matrix products on
   channels-last tokens, and the mask tokens are applied before the pixels are put in order.
 
-Measured on this 2-core machine: ~19 ms per prompt in ONNX Runtime, flat from 8 to 128
-prompts a run; segment_anything's decoder in PyTorch takes ~95-130 ms per prompt.
-
-About 1.4 GFLOP per prompt remain, most of it the upscaler (0.8 GFLOP) that no
+Measured on this 2-core machine: ~19 ms per prompt in ONNX Runtime for the batched decoder,
+flat from 8 to 128 prompts a run; segment_anything's decoder in PyTorch takes ~95-130 ms per
+prompt. About 1.4 GFLOP per prompt remain, most of it the upscaler (0.8 GFLOP) that no
 reassociation removes (a layer norm and GELUs sit between its products).
 """
 from __future__ import annotations
@@ -98,7 +97,7 @@ class BatchedDecoder(nn.Module):
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
         pe = sam.prompt_encoder.get_dense_pe().detach()  # (1, C, 64, 64), a constant
-        self.register_buffer("image_pe", pe.flatten(2).transpose(1, 2), persistent=False)
+        self.register_buffer("image_pe", pe.flatten(2).transpose(1, 2).contiguous())
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """segment_anything's SamOnnxModel._embed_points: the caller sends the padding point."""
@@ -113,53 +112,65 @@ class BatchedDecoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, image_embeddings, point_coords, point_labels):
-        dec = self.mask_decoder
-        transformer = dec.transformer
-        sparse = self._embed_points(point_coords, point_labels)
-        b = sparse.shape[0]
-        output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
-        tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        image = (image_embeddings + no_mask).flatten(2).transpose(1, 2)  # (1, N, C)
-        pe = self.image_pe
+        return predict_masks(self.mask_decoder, image_embeddings + no_mask, self.image_pe,
+                             self._embed_points(point_coords, point_labels), shared_first=True)
 
-        queries, keys = tokens, image
-        for i, layer in enumerate(transformer.layers):
-            shared = i == 0  # only the first layer sees the same image tokens for every prompt
-            if layer.skip_first_layer_pe:
-                queries = layer.self_attn(q=queries, k=queries, v=queries)
-            else:
-                q = queries + tokens
-                queries = queries + layer.self_attn(q=q, k=q, v=queries)
-            queries = layer.norm1(queries)
-            keys_pe = keys + pe  # both cross attentions of a layer see the same keys
-            queries = layer.norm2(queries + _token_to_image(
-                layer.cross_attn_token_to_image, queries + tokens, keys, keys_pe, shared))
-            queries = layer.norm3(queries + layer.mlp(queries))
-            keys = layer.norm4(keys + _image_to_token(
-                layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, shared))
-        queries = transformer.norm_final_attn(queries + _token_to_image(
-            transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe,
-            shared=len(transformer.layers) == 0))
 
-        iou = dec.iou_prediction_head(queries[:, 0, :])
-        hyper = torch.stack([mlp(queries[:, 1 + i, :]) for i, mlp in
-                             enumerate(dec.output_hypernetworks_mlps)], dim=1)  # (B, 4, c)
-        return self._upscale_masks(keys, hyper), iou
+def predict_masks(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,
+                  sparse: torch.Tensor, shared_first: bool = False):
+    """``MaskDecoder.predict_masks`` for one image: ``image`` (1, C, 64, 64) is the
+    embedding plus the dense prompt, ``image_pe`` (1, 4096, C), ``sparse`` (B, T, C) ->
+    low-res masks (B, 4, 256, 256) and scores (B, 4).
 
-    def _upscale_masks(self, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
-        """output_upscaling + the hypernetwork product, channels last.
+    ``shared_first``: project the first layer's image tokens once for all B prompts (worth it
+    for many prompts; for one, the reassociated form does fewer FLOPs)."""
+    dec = mask_decoder
+    transformer = dec.transformer
+    b = sparse.shape[0]
+    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
+    image = image.flatten(2).transpose(1, 2)  # (1, N, C)
+    pe = image_pe
 
-        A 2x2/stride-2 transposed convolution maps each input pixel to a 2x2 block of
-        outputs: one matrix product, the block's positions kept as axes (i, j, di, dj, ...)
-        until the 4 masks, not the 32 channels, are put in pixel order."""
-        conv1, norm, _, conv2, _ = self.mask_decoder.output_upscaling
-        b, s, n = keys.shape[0], EMBEDDING_SIZE, hyper.shape[1]
-        c1, c2 = conv1.out_channels, conv2.out_channels
-        w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, -1)  # (C, 2*2*c1)
-        x = (keys @ w1).reshape(b, s, s, 2, 2, c1) + conv1.bias
-        x = F.gelu(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
-        w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, -1)  # (c1, 2*2*c2)
-        x = F.gelu((x @ w2).reshape(b, s * s * 16, c2) + conv2.bias)
-        masks = (hyper @ x.transpose(1, 2)).reshape(b, n, s, s, 2, 2, 2, 2)  # i, j, di, dj, ei, ej
-        return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, n, 4 * s, 4 * s)
+    queries, keys = tokens, image
+    for i, layer in enumerate(transformer.layers):
+        shared = shared_first and i == 0  # later layers' image tokens differ per prompt
+        if layer.skip_first_layer_pe:
+            queries = layer.self_attn(q=queries, k=queries, v=queries)
+        else:
+            q = queries + tokens
+            queries = queries + layer.self_attn(q=q, k=q, v=queries)
+        queries = layer.norm1(queries)
+        keys_pe = keys + pe  # both cross attentions of a layer see the same keys
+        queries = layer.norm2(queries + _token_to_image(
+            layer.cross_attn_token_to_image, queries + tokens, keys, keys_pe, shared))
+        queries = layer.norm3(queries + layer.mlp(queries))
+        keys = layer.norm4(keys + _image_to_token(
+            layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, shared))
+    queries = transformer.norm_final_attn(queries + _token_to_image(
+        transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe,
+        shared=shared_first and len(transformer.layers) == 0))
+
+    iou = dec.iou_prediction_head(queries[:, 0, :])
+    hyper = torch.stack([mlp(queries[:, 1 + i, :]) for i, mlp in
+                         enumerate(dec.output_hypernetworks_mlps)], dim=1)  # (B, 4, c)
+    return _upscale_masks(dec, keys, hyper), iou
+
+
+def _upscale_masks(mask_decoder, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:
+    """output_upscaling + the hypernetwork product, channels last.
+
+    A 2x2/stride-2 transposed convolution maps each input pixel to a 2x2 block of
+    outputs: one matrix product, the block's positions kept as axes (i, j, di, dj, ...)
+    until the 4 masks, not the 32 channels, are put in pixel order."""
+    conv1, norm, _, conv2, _ = mask_decoder.output_upscaling
+    b, s, n = keys.shape[0], EMBEDDING_SIZE, hyper.shape[1]
+    c1, c2 = conv1.out_channels, conv2.out_channels
+    w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, -1)  # (C, 2*2*c1)
+    x = (keys @ w1).reshape(b, s, s, 2, 2, c1) + conv1.bias
+    x = F.gelu(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
+    w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, -1)  # (c1, 2*2*c2)
+    x = F.gelu((x @ w2).reshape(b, s * s * 16, c2) + conv2.bias)
+    masks = (hyper @ x.transpose(1, 2)).reshape(b, n, s, s, 2, 2, 2, 2)  # i, j, di, dj, ei, ej
+    return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, n, 4 * s, 4 * s)
