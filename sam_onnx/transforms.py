@@ -105,7 +105,7 @@ def _resize_matrices(low_res_size, input_size, original_size):
     return rows, cols, _bands(rows), _bands(cols.T)
 
 
-def _bands(matrix: np.ndarray, block: int = 64):
+def _bands(matrix: np.ndarray, block: int = 32):
     """(output slice, input slice) per block of output rows: each output pixel of a
     bilinear resize reads a few neighbouring inputs, so a block reads a narrow band, and a
     product over the band skips the zeros a dense product multiplies (2-5x faster)."""
