@@ -49,7 +49,7 @@ LOW_RES_OUTPUTS = ("low_res_masks", "iou_predictions")
 
 def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContract):
     """What the decoder session loads: an ``official`` graph without its upscaling (the
-    predictor upscales in numpy: 4 ms against the graph's 15 ms for vit_b at 1800x1200,
+    predictor upscales in numpy: 3-6 ms against the graph's 15 ms for vit_b at 1800x1200,
     measured), unless its weights live outside the file; other graphs as they are."""
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
     if set(contract.output_names) <= set(LOW_RES_OUTPUTS) or external:
@@ -72,7 +72,7 @@ class SamOnnxPredictor:
             raise SamOnnxError(f"{decoder} is an {self.decoder_contract.role}, not a decoder")
         self.decoder: Session = create(
             _decoder_source(decoder, self._decoder_graph, self.decoder_contract),
-            dataclasses.replace(config, memory_pattern=False))
+            dataclasses.replace(config, memory_pattern=False), name=Path(decoder).name)
         self.encoder: Optional[Session] = None
         if encoder is not None:
             if graph_contract(_read_graph(encoder), str(encoder)).role != "encoder":

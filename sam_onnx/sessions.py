@@ -161,12 +161,13 @@ def _options(config: SessionConfig) -> "ort.SessionOptions":
 
 
 def create(model: Union[os.PathLike, str, bytes],
-           config: SessionConfig = SessionConfig()) -> Session:
+           config: SessionConfig = SessionConfig(), name: Optional[str] = None) -> Session:
     """Build a session asking for ``config.providers`` in order, and report a CPU fallback.
 
-    ``model`` is a path, or serialized bytes for a graph held in memory (not cached)."""
+    ``model`` is a path, or serialized bytes for a graph held in memory (not cached);
+    ``name``: what messages call it (default: the file's name)."""
     in_memory = isinstance(model, bytes)
-    name = "<in-memory graph>" if in_memory else Path(model).name
+    name = name or ("<in-memory graph>" if in_memory else Path(model).name)
     requested = [_provider(p) for p in config.providers]
     if CPU not in requested:
         requested.append(CPU)

@@ -71,6 +71,10 @@ def test_parity_with_sam_predictor(models, decoder):
                 got = onnx_pred.predict(**prompt, multimask_output=multimask, return_logits=True)
                 want = torch_pred.predict(**prompt, multimask_output=multimask, return_logits=True)
                 _assert_same(got, want, f"{name} {prompt_name} multimask={multimask}")
+                binary = onnx_pred.predict(**prompt, multimask_output=multimask)[0]
+                t_binary = torch_pred.predict(**prompt, multimask_output=multimask)[0]
+                assert binary.dtype == bool and binary.shape == t_binary.shape
+                assert min(mask_iou(m, t) for m, t in zip(binary, t_binary)) >= 0.99
             # refinement: feed back the best low-res logits, as SamPredictor users do
             low_res = got[2][np.argmax(got[1])][None]
             got = onnx_pred.predict(**prompt, mask_input=low_res, return_logits=True)
@@ -103,6 +107,28 @@ def test_binary_masks_embeddings_round_trip_and_reset(models, tmp_path):
     pred.reset_image()
     with pytest.raises(SamOnnxError, match="set_image"):
         pred.predict(np.array([[1, 1]]), np.array([1]))
+
+
+def test_official_decoder_stops_at_its_low_res_outputs_unless_its_weights_are_outside(
+        models, tmp_path):
+    """The predictor runs an official graph only up to low_res_masks and upscales in numpy;
+    a graph keeping its weights in a .data file is run whole (its in-memory copy could not
+    find them). Both give the same masks."""
+    from sam_onnx.repairer import repair
+
+    outside = repair(models["official"], tmp_path / "ext.onnx", external_data=True).output
+    pruned = SamOnnxPredictor(models["encoder"], models["official"])
+    whole = SamOnnxPredictor(None, outside)
+    assert {o.name for o in pruned.decoder.inner.get_outputs()} == {"low_res_masks",
+                                                                     "iou_predictions"}
+    assert "masks" in {o.name for o in whole.decoder.inner.get_outputs()}
+    pruned.set_image(_synthetic())
+    pruned.save_embedding(tmp_path / "emb.npz")
+    whole.load_embedding(tmp_path / "emb.npz")
+    box = np.array([100, 60, 400, 240])
+    for got, want in zip(pruned.predict(box=box, return_logits=True),
+                         whole.predict(box=box, return_logits=True)):
+        np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("prompt, words", [
