@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from segment_anything.modeling import image_encoder
 from segment_anything.utils.onnx import SamOnnxModel
 
-from .fast_decoder import BatchedDecoder, predict_masks
 from .contracts import IMAGE_SIZE
+from .fast_decoder import BatchedDecoder, predict_masks
 
 #: Attention scores held at once, in fp32 elements: one vit_h head (64 MB) in PyTorch, which
 #: runs a chunk at a time; four heads (256 MB) in the exported graph, where ONNX Runtime may
