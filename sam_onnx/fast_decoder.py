@@ -96,8 +96,7 @@ class BatchedDecoder(nn.Module):
         super().__init__()
         self.prompt_encoder = sam.prompt_encoder
         self.mask_decoder = sam.mask_decoder
-        pe = sam.prompt_encoder.get_dense_pe().detach()  # (1, C, 64, 64), a constant
-        self.register_buffer("image_pe", pe.flatten(2).transpose(1, 2).contiguous())
+        self.register_buffer("image_pe", image_pe(sam))
 
     def _embed_points(self, coords: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """segment_anything's SamOnnxModel._embed_points: the caller sends the padding point."""
@@ -115,6 +114,12 @@ class BatchedDecoder(nn.Module):
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         return predict_masks(self.mask_decoder, image_embeddings + no_mask, self.image_pe,
                              self._embed_points(point_coords, point_labels), shared_first=True)
+
+
+def image_pe(sam) -> torch.Tensor:
+    """The dense positional encoding as (1, 4096, C) tokens: a constant, stored once in the
+    graph (a persistent buffer; a non-persistent one was inlined at each of its 3 uses)."""
+    return sam.prompt_encoder.get_dense_pe().detach().flatten(2).transpose(1, 2).contiguous()
 
 
 def predict_masks(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,

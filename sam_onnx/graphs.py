@@ -15,7 +15,7 @@ from segment_anything.modeling import image_encoder
 from segment_anything.utils.onnx import SamOnnxModel
 
 from .contracts import IMAGE_SIZE
-from .fast_decoder import BatchedDecoder, predict_masks
+from .fast_decoder import BatchedDecoder, image_pe, predict_masks
 
 #: Attention scores held at once, in fp32 elements: one vit_h head (64 MB) in PyTorch, which
 #: runs a chunk at a time; four heads (256 MB) in the exported graph, where ONNX Runtime may
@@ -66,8 +66,7 @@ class _FastSamOnnxModel(SamOnnxModel):
 
     def __init__(self, sam) -> None:
         super().__init__(sam, return_single_mask=False)
-        pe = sam.prompt_encoder.get_dense_pe().detach()  # (1, C, 64, 64), a constant
-        self.register_buffer("image_pe", pe.flatten(2).transpose(1, 2).contiguous())
+        self.register_buffer("image_pe", image_pe(sam))
 
     def _predict(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input):
         dense = self._embed_masks(mask_input, has_mask_input)

@@ -14,7 +14,8 @@ import numpy as np
 import onnx
 
 from . import metadata, repair_passes, signature, transforms
-from .contracts import MASK_INPUT_SIZE, MASK_THRESHOLD, NUM_MASK_TOKENS, GraphContract
+from .contracts import (DECODER_LOWRES, MASK_INPUT_SIZE, MASK_THRESHOLD, NUM_MASK_TOKENS,
+                        GraphContract)
 from .errors import SamOnnxError
 from .feeds import from_arrays
 from .images import ImageLike, load_image
@@ -43,8 +44,9 @@ def _read_graph(path: PathLike) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=False)
 
 
-#: What the predictor takes from any decoder; it upscales the logits itself.
-LOW_RES_OUTPUTS = ("low_res_masks", "iou_predictions")
+#: What the predictor takes from any decoder (the lowres contract's outputs); it upscales
+#: the logits itself.
+LOW_RES_OUTPUTS = DECODER_LOWRES.output_names
 
 
 def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContract):

@@ -180,10 +180,7 @@ def to_lowres(model: onnx.ModelProto) -> List[str]:
     g.initializer.append(helper.make_tensor("sam_onnx_axis0", TensorProto.INT64, [1], [0]))
     for node in reversed(prologue):
         g.node.insert(0, node)
-    outputs = {o.name: o for o in g.output}
-    del g.output[:]
-    g.output.extend([outputs["low_res_masks"], outputs["iou_predictions"]])
-    _prune(g)
+    _keep_outputs(g, DECODER_LOWRES.output_names)
     return ["has_mask_input computed from mask_input; orig_im_size fixed at 1024x1024",
             "dropped the masks output and its upscaling"]
 
@@ -193,11 +190,17 @@ def keep_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     initializers only the other outputs used are gone."""
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
-    outputs = [o for o in pruned.graph.output if o.name in set(names)]
-    del pruned.graph.output[:]
-    pruned.graph.output.extend(outputs)
-    _prune(pruned.graph)
+    _keep_outputs(pruned.graph, names)
     return pruned
+
+
+def _keep_outputs(graph: onnx.GraphProto, names) -> None:
+    """In place: the outputs ``names``, in that order, and only what they depend on."""
+    outputs = {o.name: o for o in graph.output}
+    kept = [outputs[name] for name in names]
+    del graph.output[:]
+    graph.output.extend(kept)
+    _prune(graph)
 
 
 def _prune(graph: onnx.GraphProto) -> None:
