@@ -1,10 +1,11 @@
 """``sam_onnx.export``: write SAM's encoder and decoder graphs, check them, then publish them.
 
-The PyTorch half (``torch_export``: weights, reference outputs, export, metadata) runs in
-a child process that writes into a staging folder and exits, freeing the model and torch
-before this process, which never imports torch, checks every staged graph (``onnx.checker``,
-the declared contract, ONNX Runtime runs, parity with PyTorch within the contract's
-tolerance). Only then are the files renamed to their final names, with a manifest.
+Two child processes do the work, each freeing all it held when it exits: the PyTorch half
+(``torch_export``: weights, reference outputs, export, metadata) writes into a staging
+folder; the check half, which never imports torch, checks every staged graph
+(``onnx.checker``, the declared contract, ONNX Runtime runs, parity with PyTorch within the
+contract's tolerance). Only then does this process rename the files to their final names,
+with a manifest.
 """
 from __future__ import annotations
 
@@ -22,13 +23,13 @@ from typing import Dict, List, Optional
 
 import onnx
 
-from . import metadata, sessions, signature
+from . import metadata, paging, sessions, signature
 from .contracts import DECODER_CONTRACTS, ENCODER, GraphContract, get_contract
 from .errors import ParityError, SamOnnxError
 from .parity import ParityReport, report
 from .sessions import SessionConfig
 from .stages import Stages
-from .staging import Staging, has_external_data
+from .staging import Staging, external_data_files, has_external_data
 
 log = logging.getLogger("sam_onnx.export")
 
@@ -36,6 +37,8 @@ DEFAULT_OPSET = 18
 #: Protobuf's limit: a graph beyond this must keep its weights in external data.
 PROTOBUF_LIMIT = 2**31 - 1
 QUANTIZATIONS = ("int8",)
+#: Allocations from this size up are mapped and unmapped by glibc, never kept (see _child_init).
+MMAP_THRESHOLD = 16 * 2**20
 
 
 @dataclass
@@ -101,25 +104,13 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
         job = dict(model_type=model_type, checkpoint=checkpoint, random_weights=random_weights,
                    contracts=tuple(c.name for c in contracts), staging_dir=staging.dir,
                    opset=opset, simplify=simplify, progress=progress)
-        staged = _run_torch_half(job, isolate)
-        stage = Stages()
-        exported = []
-        for contract in contracts:
-            path, record = staged.paths[contract.name], staged.records[contract.name]
-            checks = staged.checks[contract.name]
-            with stage(f"check {contract.role}"):
-                exported.append(_check(path, contract, "fp32", checks))
-            if quantize:
-                qpath = path.with_name(path.name[:-5] + f".{quantize}.onnx")
-                with stage(f"quantize {contract.role} ({quantize})"):
-                    _quantize(path, qpath)
-                    metadata.stamp(qpath, contract, {**record, "precision": quantize})
-                with stage(f"check {contract.role} ({quantize})"):
-                    exported.append(_check(qpath, contract, quantize, checks))
-
+        staged = _run(_torch_half, (job,), isolate, "PyTorch export")
+        exported, check_timings = _run(_check_half, (staged, quantize), isolate,
+                                       "ONNX Runtime check")
+        record = next(iter(staged.records.values()))
         result = ExportResult(model_type, record["weights"], record["weights_source"],
                               Path(out_dir), exported, Path(out_dir) / f"{model_type}_manifest.json",
-                              {**staged.timings, **stage.timings})
+                              {**staged.timings, **check_timings})
         manifest = staging.path(result.manifest.name)
         manifest.write_text(json.dumps(_manifest(result, record), indent=2) + "\n")
         staging.commit(p.name for p in staging.dir.iterdir())
@@ -128,44 +119,70 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
     return result
 
 
-def _run_torch_half(job: dict, isolate: bool):
+def _check_half(staged, quantize: Optional[str]):
+    """Check every staged graph (and quantize it when asked): (graphs, stage timings)."""
+    stage = Stages()
+    exported = []
+    for name, path in staged.paths.items():
+        contract, record, checks = get_contract(name), staged.records[name], staged.checks[name]
+        with stage(f"check {contract.role}"):
+            exported.append(_check(path, contract, "fp32", checks))
+        if quantize:
+            qpath = path.with_name(path.name[:-5] + f".{quantize}.onnx")
+            with stage(f"quantize {contract.role} ({quantize})"):
+                _quantize(path, qpath)
+                metadata.stamp(qpath, contract, {**record, "precision": quantize})
+            with stage(f"check {contract.role} ({quantize})"):
+                exported.append(_check(qpath, contract, quantize, checks))
+    return exported, stage.timings
+
+
+def _run(half, args: tuple, isolate: bool, what: str):
+    """Run one half of the export, in a fresh child process unless ``isolate`` is False:
+    what it held (torch and the model; ONNX Runtime's sessions) is gone when it exits."""
     if not isolate:
-        return _torch_half(job, None)
+        return half(*args)
     level = logging.getLogger("sam_onnx").getEffectiveLevel()
     spawn = multiprocessing.get_context("spawn")  # a fresh interpreter: nothing inherited
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, initializer=_die_with_parent,
-                                                initargs=(os.getpid(),)) as pool:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, initializer=_child_init,
+                                                initargs=(os.getpid(), level)) as pool:
         try:
-            return pool.submit(_torch_half, job, level).result()
+            return pool.submit(half, *args).result()
         except concurrent.futures.process.BrokenProcessPool:
             raise SamOnnxError(
-                "the PyTorch export process died (out of memory?); nothing was written. "
+                f"the {what} process died (out of memory?); nothing was written. "
                 "Free memory or export one graph at a time (--no-encoder / --no-decoder)"
             ) from None
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """A killed export must not leave its worker holding the model: on Linux the kernel
-    kills the worker when this process dies."""
+def _child_init(parent_pid: int, log_level: int) -> None:
+    """Set up an export child: it dies with its parent, logs like it, and hands big
+    buffers back to the system when it frees them."""
     if sys.platform.startswith("linux"):
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        libc = ctypes.CDLL(None, use_errno=True)
+        # A killed export must not leave its worker holding the model.
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        # glibc serves allocations under its adaptive mmap threshold (up to 32 MB) from
+        # heaps it keeps; ONNX Runtime's 20-30 MB activations then hold ~1 GB there for the
+        # whole vit_h run (measured: 3.1 -> 2.1 GiB). A fixed threshold maps them instead.
+        libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
     if os.getppid() != parent_pid:
         os._exit(1)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    logger = logging.getLogger("sam_onnx")
+    logger.handlers[:] = [handler]
+    logger.setLevel(log_level)
+    logger.propagate = False
 
 
-def _torch_half(job: dict, log_level: Optional[int]):
-    """Entry point of the child process; imports torch there, never here."""
+def _torch_half(job: dict):
+    """The PyTorch half; imports torch in the process that runs it, never in the parent
+    of an isolated export."""
     from .torch_export import Job, run
 
-    if log_level is not None:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger = logging.getLogger("sam_onnx")
-        logger.handlers[:] = [handler]
-        logger.setLevel(log_level)
-        logger.propagate = False
     return run(Job(**job))
 
 
@@ -191,9 +208,10 @@ def _check(path: Path, contract: GraphContract, precision: str,
                            f"contract: {'; '.join(problems)}")
     session = sessions.create(path, SessionConfig(providers=("cpu",), low_memory=True))
     per_feed = {}
-    for feed_name, (feed, ref) in checks.items():
-        outputs = dict(zip(session.output_names, session.run(None, feed)))
-        per_feed[feed_name] = (outputs, ref)
+    with paging.paged_out(*external_data_files(path)):
+        for feed_name, (feed, ref) in checks.items():
+            outputs = dict(zip(session.output_names, session.run(None, feed)))
+            per_feed[feed_name] = (outputs, ref)
     del session
     parity = report(path.name, precision, contract.tolerances[precision], per_feed)
     log.info("parity %s", parity.summary())

@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Dict, Iterable, List
 
 from .errors import SamOnnxError
 
@@ -45,6 +46,20 @@ class Staging:
             os.replace(src, self.out_dir / name)
 
 
+def external_data_files(path: Path) -> List[Path]:
+    """The files beside ``path`` (``<name>.onnx.data``...) that hold its weights."""
+    return sorted(p for p in path.parent.glob(path.name + "*") if p != path)
+
+
 def has_external_data(path: Path) -> bool:
-    """Whether files beside ``path`` (``<name>.onnx.data``...) hold its weights."""
-    return any(p != path for p in path.parent.glob(path.name + "*"))
+    return bool(external_data_files(path))
+
+
+@dataclass
+class Staged:
+    """What the PyTorch half leaves for the checks: staged graphs and PyTorch's outputs."""
+
+    paths: Dict[str, Path]  # contract name -> staged graph
+    records: Dict[str, Dict]  # contract name -> provenance stamped into the graph
+    checks: Dict[str, Dict[str, tuple]]  # contract name -> feed name -> (feed, reference)
+    timings: Dict[str, float]

@@ -16,12 +16,12 @@ from typing import Dict, List, Optional, Tuple
 import onnx
 import torch
 
-from . import graphs, metadata, reference
-from .checkpoints import load_weights
+from . import graphs, metadata, paging, reference
+from .checkpoints import Weights, load_weights
 from .contracts import GraphContract, get_contract
 from .errors import SamOnnxError
 from .stages import Stages
-from .staging import has_external_data
+from .staging import Staged, has_external_data
 
 log = logging.getLogger("sam_onnx.export")
 
@@ -38,25 +38,21 @@ class Job:
     progress: bool
 
 
-@dataclass
-class Staged:
-    """What the PyTorch half leaves for the checks: staged graphs and PyTorch's outputs."""
-
-    paths: Dict[str, Path]  # contract name -> staged graph
-    records: Dict[str, Dict]  # contract name -> provenance stamped into the graph
-    checks: Dict[str, Dict[str, tuple]]  # contract name -> feed name -> (feed, reference)
-    timings: Dict[str, float]
-
-
 def run(job: Job) -> Staged:
     stage = Stages()
-    contracts = [get_contract(name) for name in job.contracts]
     with stage(f"load {job.model_type} weights"):
         weights = load_weights(job.model_type, job.checkpoint, random_weights=job.random_weights,
                                progress=job.progress)
     if weights.random:
         log.warning("random weights: these graphs are for trying the tool and for tests; "
                     "their masks mean nothing")
+    mapped = () if weights.random else (Path(weights.source),)
+    with paging.paged_out(*mapped):  # the checkpoint is memory-mapped (checkpoints.py)
+        return _run(job, weights, stage)
+
+
+def _run(job: Job, weights: Weights, stage: Stages) -> Staged:
+    contracts = [get_contract(name) for name in job.contracts]
     with graphs.chunked_attention(graphs.REFERENCE_CHUNK_ELEMENTS), stage("PyTorch reference outputs"):
         checks = _reference_checks(weights.sam, contracts)
     paths, records = {}, {}

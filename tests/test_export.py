@@ -1,6 +1,7 @@
 import glob
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -147,10 +148,14 @@ def test_a_failed_check_keeps_what_existed_and_writes_nothing(tmp_path, monkeypa
 
 
 def test_an_interrupted_export_leaves_no_final_file(tmp_path, monkeypatch):
-    def interrupt(*args):
-        raise KeyboardInterrupt
+    run_half = exporter._run
 
-    monkeypatch.setattr(exporter, "_check", interrupt)
+    def interrupt_the_checks(half, *args):  # Ctrl-C once the graphs are staged
+        if half is exporter._check_half:
+            raise KeyboardInterrupt
+        return run_half(half, *args)
+
+    monkeypatch.setattr(exporter, "_run", interrupt_the_checks)
     with pytest.raises(KeyboardInterrupt):
         sam_onnx.export("tiny", random_weights=True, out_dir=tmp_path)
     assert list(tmp_path.iterdir()) == []
@@ -213,6 +218,25 @@ def test_the_checking_process_never_imports_torch():
     code = ("import sys, sam_onnx, sam_onnx.exporter, sam_onnx.cli; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_check_half_runs_with_torch_unimportable(tmp_path):
+    from sam_onnx.torch_export import Job, run
+
+    staged = run(Job("tiny", None, True, ("encoder", "official"), tmp_path, 18, False, False))
+    (tmp_path / "staged.pkl").write_bytes(pickle.dumps(staged))
+    code = f"""
+import pickle, sys
+for name in ("torch", "torchvision", "segment_anything"):
+    sys.modules[name] = None  # any import of these now raises ImportError
+from sam_onnx import exporter
+staged = pickle.loads(open({str(tmp_path / "staged.pkl")!r}, "rb").read())
+graphs, _ = exporter._check_half(staged, None)
+print(" ".join(g.path.name for g in graphs if g.parity.passed))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["tiny_encoder.onnx", "tiny_decoder_official.onnx"]
 
 
 def test_opset_is_what_the_graphs_carry(tmp_path):
