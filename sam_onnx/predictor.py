@@ -59,6 +59,13 @@ def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContr
     return repair_passes.keep_outputs(graph, LOW_RES_OUTPUTS).SerializeToString()
 
 
+#: How decoder sessions differ from the caller's config: no memory pattern (it plans for one
+#: prompt count: other counts made the first run 3x slower), and ONNX Runtime's BiasGelu
+#: fusion off: its kernel took 2 ms on the upscaler's 2 M values, where Add then Gelu take
+#: 1.2 (same outputs; vit_b decoder 18.4 -> 18.0 ms a prompt). The encoder is faster with it.
+DECODER_SESSION = dict(memory_pattern=False, disabled_optimizers=("BiasGeluFusion",))
+
+
 class SamOnnxPredictor:
     """Mirrors ``segment_anything.SamPredictor``: set_image once, predict many prompts."""
 
@@ -74,7 +81,7 @@ class SamOnnxPredictor:
             raise SamOnnxError(f"{decoder} is an {self.decoder_contract.role}, not a decoder")
         self.decoder: Session = create(
             _decoder_source(decoder, self._decoder_graph, self.decoder_contract),
-            dataclasses.replace(config, memory_pattern=False), name=Path(decoder).name)
+            dataclasses.replace(config, **DECODER_SESSION), name=Path(decoder).name)
         self.encoder: Optional[Session] = None
         if encoder is not None:
             if graph_contract(_read_graph(encoder), str(encoder)).role != "encoder":

@@ -15,7 +15,7 @@ import warnings
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 from ._ort import onnxruntime as ort
 from .errors import SamOnnxError
@@ -49,6 +49,8 @@ class SessionConfig:
     #: ONNX Runtime's memory pattern plans buffers for one set of input shapes: for graphs
     #: fed varying shapes (decoders) it only makes the first run 3x slower (measured).
     memory_pattern: bool = True
+    #: ONNX Runtime graph transformers to skip (``optimization.disable_specified_optimizers``).
+    disabled_optimizers: Tuple[str, ...] = ()
 
 
 @dataclass
@@ -153,6 +155,12 @@ def _options(config: SessionConfig) -> "ort.SessionOptions":
     options.graph_optimization_level = levels[config.optimization]
     options.log_severity_level = 3  # ONNX Runtime's own fallback chatter: we say it once
     options.enable_mem_pattern = config.memory_pattern
+    # Callers do numpy work right after a run (upscaling, mask filtering); ONNX Runtime's
+    # threads spinning on for work would take a core from it. The next run wakes them.
+    options.add_session_config_entry("session.force_spinning_stop", "1")
+    if config.disabled_optimizers:
+        options.add_session_config_entry("optimization.disable_specified_optimizers",
+                                         ",".join(config.disabled_optimizers))
     if config.low_memory:
         options.add_session_config_entry("session.disable_prepacking", "1")
         options.enable_cpu_mem_arena = False
