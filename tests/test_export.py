@@ -200,6 +200,16 @@ def _is_zombie(pid):
         return True
 
 
+def _killed_by_the_system():
+    os.kill(os.getpid(), signal.SIGKILL)  # as the kernel's OOM killer does
+
+
+def test_a_half_killed_for_memory_is_reported_in_one_line():
+    with pytest.raises(SamOnnxError, match=r"^the ONNX Runtime check process died \(out of "
+                                           r"memory\?\); nothing was written\. Free memory"):
+        exporter._run(_killed_by_the_system, (), True, "ONNX Runtime check")
+
+
 def test_nothing_to_export_is_refused():
     with pytest.raises(SamOnnxError, match="nothing to export"):
         sam_onnx.export("tiny", random_weights=True, encoder=False, decoder=False)
