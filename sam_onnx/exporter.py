@@ -89,8 +89,8 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
            decoder: bool = True, progress: bool = True, isolate: bool = True) -> ExportResult:
     """Export, check and publish the graphs of one SAM model; see the module docstring.
 
-    ``isolate=False`` runs the PyTorch half in this process: quicker to start, but the
-    model stays in memory through the checks.
+    ``isolate=False`` runs both halves in this process: quicker to start, but the model
+    stays in memory through the checks.
     """
     if not (encoder or decoder):
         raise SamOnnxError("nothing to export: drop --no-encoder or --no-decoder")
