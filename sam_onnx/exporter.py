@@ -29,7 +29,7 @@ from .errors import ParityError, SamOnnxError
 from .parity import ParityReport, report
 from .sessions import SessionConfig
 from .stages import Stages
-from .staging import Staging, external_data_files, has_external_data
+from .staging import Staged, Staging, external_data_files, has_external_data
 
 log = logging.getLogger("sam_onnx.export")
 
@@ -119,7 +119,7 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
     return result
 
 
-def _check_half(staged, quantize: Optional[str]):
+def _check_half(staged: Staged, quantize: Optional[str]):
     """Check every staged graph (and quantize it when asked): (graphs, stage timings)."""
     stage = Stages()
     exported = []
