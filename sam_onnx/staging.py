@@ -52,7 +52,7 @@ def external_data_files(path: Path) -> List[Path]:
 
 
 def has_external_data(path: Path) -> bool:
-    """Whether files beside ``path`` hold its weights (a graph saved beyond 2 GB, or so)."""
+    """Whether ``path`` keeps its weights in external data files beside it."""
     return bool(external_data_files(path))
 
 
