@@ -224,5 +224,6 @@ def _cached_model(path: Path, config: SessionConfig, providers: List[str]) -> Op
 
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{ort.__version__}|"
-                         f"{providers}|{config.optimization}".encode()).hexdigest()[:16]
+                         f"{providers}|{config.optimization}|{sorted(config.disabled_optimizers)}"
+                         .encode()).hexdigest()[:16]
     return Path(config.cache_dir) / f"{path.stem}.{key}.opt.onnx"

@@ -98,3 +98,17 @@ def test_cached_encoder_with_external_data_gives_the_same_output(tiny_export, tm
     assert list(tmp_path.glob("*.opt.onnx.data")), "weights of the cached graph stay external"
     cached = sessions.create(encoder, config).run(None, x)[0]
     np.testing.assert_allclose(cached, plain, atol=1e-5)
+
+
+def test_disabled_optimizers_are_left_out_of_the_optimized_graph(decoder, tmp_path):
+    import onnx
+
+    def optimized_ops(disabled):
+        folder = tmp_path / ("-".join(disabled) or "default")
+        sessions.create(decoder, SessionConfig(providers=("cpu",), cache_dir=folder,
+                                               disabled_optimizers=disabled))
+        (cached,) = folder.glob("*.opt.onnx")
+        return {n.op_type for n in onnx.load(str(cached)).graph.node}
+
+    assert "BiasGelu" in optimized_ops(())
+    assert "BiasGelu" not in optimized_ops(("BiasGeluFusion",))
