@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sam_onnx.bench import BenchConfig, bench
 
+MODELS = ("vit_b", "vit_l", "vit_h")
 SIZES = ((512, 512), (1024, 1024), (1200, 1800))
 START, END = "<!-- bench_report:start -->", "<!-- bench_report:end -->"
 
@@ -51,13 +52,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--graphs", type=Path, required=True)
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sam-onnx-bench")
-    parser.add_argument("--models", default="vit_b,vit_l,vit_h")
+    parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--docs", type=Path, default=Path("docs/benchmarks.md"))
     parser.add_argument("--json", type=Path, default=Path("docs/bench_report.json"))
+    parser.add_argument("--update", action="store_true",
+                        help="re-measure --models only; keep the other models' rows from --json")
     args = parser.parse_args()
+    models = args.models.split(",")
+    kept = [r for r in json.loads(args.json.read_text())
+            if r["config"]["model_type"] not in models] if args.update else []
     results = []
-    for model in args.models.split(","):
+    for model in models:
         for size in SIZES:
             cfg = BenchConfig(model, args.work / f"random_{model}.pth", False,
                               args.graphs / f"{model}_encoder.onnx",
@@ -66,7 +72,9 @@ def main() -> None:
             report = bench(cfg, ("cpu",), log=lambda m: print(m, file=sys.stderr, flush=True))
             results.append(report.to_dict())
             print(f"{model} {size}:\n{report.markdown()}\n", flush=True)
-            args.json.write_text(json.dumps(results, indent=2) + "\n")
+            args.json.write_text(json.dumps(kept + results, indent=2) + "\n")
+    results = sorted(kept + results, key=lambda r: MODELS.index(r["config"]["model_type"]))
+    args.json.write_text(json.dumps(results, indent=2) + "\n")
     env = results[-1]["environment"]
     section = "\n".join([
         START,
