@@ -124,7 +124,22 @@ def read(path: Path, report: Report) -> Optional[onnx.ModelProto]:
             "model", f"{path} parses as protobuf but holds no ONNX graph",
             "pass an .onnx model file", model=name))
         return None
+    if _undecodable_text(model):
+        report.add(FILE_TRUNCATED.finding(
+            "model", f"{path} is a damaged ONNX file (names or metadata that are not UTF-8 "
+            "text)", "export or download the model again", model=name))
+        return None
     return model
+
+
+def _undecodable_text(model: onnx.ModelProto) -> bool:
+    """Whether a name or metadata entry the checks read is not UTF-8: protobuf hands such
+    string fields back as bytes (found by fuzzing damaged files)."""
+    g = model.graph
+    texts = [v.name for v in (*g.input, *g.output, *g.initializer)]
+    texts += [d.dim_param for v in g.input for d in v.type.tensor_type.shape.dim]
+    texts += [x for p in model.metadata_props for x in (p.key, p.value)]
+    return any(not isinstance(t, str) for t in texts)
 
 
 def _what_is(head: bytes) -> str:

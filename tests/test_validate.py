@@ -272,6 +272,17 @@ def test_fuzzed_model_bytes_never_raise(tmp_path, data):
     assert all(f.code in validator.RULES for f in report.findings)
 
 
+@pytest.mark.parametrize("text", [b"point_coords", b"sam_onnx.contract_spec"])
+def test_names_that_are_not_utf8_are_a_damaged_file(tmp_path, text):
+    raw = _small_sam_like_model()
+    assert text in raw
+    path = tmp_path / "damaged.onnx"
+    path.write_bytes(raw.replace(text, b"\x80" + text[1:]))
+    report = validator.validate(path, feed="official")
+    assert [f.code for f in report.findings] == [validator.FILE_TRUNCATED.code]
+    assert "not UTF-8" in report.findings[0].message
+
+
 def test_every_rule_is_documented():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "validate-and-repair.md").read_text()
     for rule in validator.RULES.values():
