@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import onnx
+import onnx_ir as ir
+import onnxscript.optimizer
 import torch
+from onnx_ir.passes import common
 
 from . import graphs, metadata, paging, reference
 from .checkpoints import Weights, load_weights
@@ -117,10 +120,6 @@ def _tidy(model) -> None:
     """The exporter's own clean-up (``optimize=True``) less its pattern rewriter, which took a
     quarter of vit_h's graph writing for rewrites ONNX Runtime makes itself at load time
     (measured on vit_b: 3% more nodes, the same ONNX Runtime speed)."""
-    import onnx_ir as ir
-    import onnxscript.optimizer
-    from onnx_ir.passes import common
-
     common.InlinePass()(model)
     onnxscript.optimizer.fold_constants(model)
     ir.passes.Sequential(

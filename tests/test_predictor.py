@@ -10,6 +10,7 @@ from segment_anything import SamPredictor
 
 import sam_onnx
 from sam_onnx.checkpoints import build_sam, load_state_dict
+from sam_onnx.contracts import DECODER_LOWRES, DECODER_OFFICIAL
 from sam_onnx.errors import SamOnnxError
 from sam_onnx.parity import mask_iou
 from sam_onnx.predictor import SamOnnxPredictor
@@ -119,9 +120,10 @@ def test_official_decoder_stops_at_its_low_res_outputs_unless_its_weights_are_ou
     outside = repair(models["official"], tmp_path / "ext.onnx", external_data=True).output
     pruned = SamOnnxPredictor(models["encoder"], models["official"])
     whole = SamOnnxPredictor(None, outside)
-    assert {o.name for o in pruned.decoder.inner.get_outputs()} == {"low_res_masks",
-                                                                     "iou_predictions"}
-    assert "masks" in {o.name for o in whole.decoder.inner.get_outputs()}
+    assert {o.name for o in pruned.decoder.inner.get_outputs()} == set(
+        DECODER_LOWRES.output_names)
+    assert {o.name for o in whole.decoder.inner.get_outputs()} == set(
+        DECODER_OFFICIAL.output_names)
     pruned.set_image(_synthetic())
     pruned.save_embedding(tmp_path / "emb.npz")
     whole.load_embedding(tmp_path / "emb.npz")
