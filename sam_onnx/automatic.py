@@ -4,9 +4,10 @@ Runtime, with the same parameters and record fields, so a pipeline can swap one 
 Differences are in how the work is done, not in what is returned:
 * a ``batched`` decoder runs a whole batch of point prompts in one call (other decoder
   contracts work too, one prompt per call);
-* masks are filtered by predicted IoU before they are upscaled (segment_anything upscales
-  every mask first, then drops most of them), and upscaled in chunks of bounded memory with
-  the three resizes folded into one band matrix per axis;
+* masks are filtered by predicted IoU before they are computed: a ``batched`` decoder runs
+  its upscaler only for prompts with a score above ``pred_iou_thresh`` (segment_anything
+  computes and upscales every mask, then drops most of them), and the kept ones are upscaled
+  in chunks of bounded memory with the three resizes folded into one band matrix per axis;
 * post-processing is numpy (``amg``), with no torch or torchvision.
 """
 from __future__ import annotations
@@ -153,10 +154,12 @@ class SamOnnxAutomaticMaskGenerator:
 
     def _process_batch(self, points: np.ndarray, im_size: Tuple[int, int],
                        crop_box: List[int], orig_size: Tuple[int, int]) -> amg.MaskData:
-        low_res, iou = self.predictor.predict_batch(points[:, None, :],
-                                                    np.ones((len(points), 1)))
-        keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else \
-            np.ones(iou.shape, bool)  # (prompts, masks): only kept logits are copied
+        thresh = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else -np.inf
+        low_res, iou, kept = self.predictor.predict_batch_filtered(
+            points[:, None, :], np.ones((len(points), 1)), thresh)
+        iou, points = iou[kept], points[kept]
+        keep = iou > thresh if self.pred_iou_thresh > 0.0 else \
+            np.ones(iou.shape, bool)  # (prompts, masks), in segment_anything's order
         low_res, iou = low_res[keep], iou[keep]
         pts = np.repeat(points[:, None], keep.shape[1], axis=1)[keep]
         orig_h, orig_w = orig_size

@@ -197,8 +197,10 @@ DECODER_BATCHED = GraphContract(
     name="batched",
     role="decoder",
     doc="Many point prompts against one image embedding in one run, as the automatic mask "
-    "generator needs them: no mask prompt, low-resolution logits and scores per prompt; the "
-    "caller upscales. The work that does not depend on the prompt is done once per run.",
+    "generator needs them: no mask prompt, scores for every prompt and low-resolution logits "
+    "for the prompts whose scores pass a threshold (the generator drops the others unseen, "
+    "and scores cost half of what masks do); the caller upscales. The work that does not "
+    "depend on the prompt is done once per run.",
     inputs=(
         _IMAGE_EMBEDDINGS,
         TensorSpec("point_coords", _FP32, ("num_prompts", "num_points", 2),
@@ -206,12 +208,17 @@ DECODER_BATCHED = GraphContract(
         TensorSpec("point_labels", _FP32, ("num_prompts", "num_points"),
                    "as for one prompt; the automatic mask generator sends [1, -1] (a point and "
                    "the padding point)"),
+        TensorSpec("pred_iou_thresh", _FP32, (1,),
+                   "masks are computed for every prompt except those whose predicted IoUs are "
+                   "all at or below this; -inf for every prompt"),
     ),
     outputs=(
-        TensorSpec("low_res_masks", _FP32, ("num_prompts", NUM_MASK_TOKENS, _M, _M),
-                   "mask logits at 256x256 per prompt, before upscaling"),
+        TensorSpec("low_res_masks", _FP32, ("num_kept", NUM_MASK_TOKENS, _M, _M),
+                   "mask logits at 256x256 per kept prompt, before upscaling"),
         TensorSpec("iou_predictions", _FP32, ("num_prompts", NUM_MASK_TOKENS),
                    "predicted IoU per prompt and mask (single-mask token first)"),
+        TensorSpec("kept_prompts", "int64", ("num_kept",),
+                   "which prompts low_res_masks belongs to, in increasing order"),
     ),
     tolerances=DECODER_OFFICIAL.tolerances,
 )

@@ -10,7 +10,8 @@ them in every attention layer (3.6 GFLOP per prompt). Here, with the same weight
   projection folded into the 7 token values (key biases shift every score of a row equally,
   which softmax ignores);
 * for many prompts without a mask prompt (the ``batched`` contract) the first layer's image
-  tokens are the same for every prompt, so their projections run once per batch instead;
+  tokens are the same for every prompt, so their projections run once per batch instead,
+  and the upscaler runs only for the prompts whose predicted IoU passes a threshold;
 * the two transposed 2x2/stride-2 convolutions of the upscaler are matrix products on
   channels-last tokens, and the mask tokens are applied before the pixels are put in order.
 
@@ -89,8 +90,13 @@ def _image_to_token(attn, image_q: torch.Tensor, tokens_k: torch.Tensor,
 
 
 class BatchedDecoder(nn.Module):
-    """The ``batched`` contract: (image_embeddings, point_coords, point_labels) for many
-    prompts -> (low_res_masks, iou_predictions), equal to segment_anything's mask decoder."""
+    """The ``batched`` contract: (image_embeddings, point_coords, point_labels,
+    pred_iou_thresh) for many prompts -> (low_res_masks, iou_predictions, kept_prompts),
+    equal to segment_anything's mask decoder.
+
+    Masks are upscaled only for the prompts with a predicted IoU above the threshold: the
+    scores need no upscaler, which is half of a prompt's time, and the automatic mask
+    generator drops every mask at or below it unseen."""
 
     def __init__(self, sam) -> None:
         super().__init__()
@@ -110,10 +116,17 @@ class BatchedDecoder(nn.Module):
         return coords
 
     @torch.no_grad()
-    def forward(self, image_embeddings, point_coords, point_labels):
+    def forward(self, image_embeddings, point_coords, point_labels, pred_iou_thresh):
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        return predict_masks(self.mask_decoder, image_embeddings + no_mask, self.image_pe,
-                             self._embed_points(point_coords, point_labels), shared_first=True)
+        queries, keys = two_way_transformer(
+            self.mask_decoder, image_embeddings + no_mask, self.image_pe,
+            self._embed_points(point_coords, point_labels), shared_first=True)
+        iou = self.mask_decoder.iou_prediction_head(queries[:, 0, :])
+        # "not all at or below" rather than "any above": a NaN score keeps its prompt
+        kept = torch.nonzero(~(iou <= pred_iou_thresh).all(dim=1)).reshape(-1)
+        masks = _upscale_masks(self.mask_decoder, keys.index_select(0, kept),
+                               _hypernetworks(self.mask_decoder, queries.index_select(0, kept)))
+        return masks, iou, kept
 
 
 def image_pe(sam) -> torch.Tensor:
@@ -123,10 +136,19 @@ def image_pe(sam) -> torch.Tensor:
 
 
 def predict_masks(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,
-                  sparse: torch.Tensor, shared_first: bool = False):
+                  sparse: torch.Tensor):
     """``MaskDecoder.predict_masks`` for one image: ``image`` (1, C, 64, 64) is the
     embedding plus the dense prompt, ``image_pe`` (1, 4096, C), ``sparse`` (B, T, C) ->
-    low-res masks (B, 4, 256, 256) and scores (B, 4).
+    low-res masks (B, 4, 256, 256) and scores (B, 4)."""
+    queries, keys = two_way_transformer(mask_decoder, image, image_pe, sparse)
+    return (_upscale_masks(mask_decoder, keys, _hypernetworks(mask_decoder, queries)),
+            mask_decoder.iou_prediction_head(queries[:, 0, :]))
+
+
+def two_way_transformer(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,
+                        sparse: torch.Tensor, shared_first: bool = False):
+    """The decoder's transformer, reassociated: output and prompt tokens (B, 5 + T, C) and
+    image tokens (B, 4096, C) after it.
 
     ``shared_first``: project the first layer's image tokens once for all B prompts (worth it
     for many prompts; for one, the reassociated form does fewer FLOPs)."""
@@ -156,11 +178,13 @@ def predict_masks(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,
     queries = transformer.norm_final_attn(queries + _token_to_image(
         transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe,
         shared=shared_first and len(transformer.layers) == 0))
+    return queries, keys
 
-    iou = dec.iou_prediction_head(queries[:, 0, :])
-    hyper = torch.stack([mlp(queries[:, 1 + i, :]) for i, mlp in
-                         enumerate(dec.output_hypernetworks_mlps)], dim=1)  # (B, 4, c)
-    return _upscale_masks(dec, keys, hyper), iou
+
+def _hypernetworks(mask_decoder, queries: torch.Tensor) -> torch.Tensor:
+    """The mask tokens' weights for the upscaled channels: (B, 4, c)."""
+    return torch.stack([mlp(queries[:, 1 + i, :]) for i, mlp in
+                        enumerate(mask_decoder.output_hypernetworks_mlps)], dim=1)
 
 
 def _upscale_masks(mask_decoder, keys: torch.Tensor, hyper: torch.Tensor) -> torch.Tensor:

@@ -82,12 +82,14 @@ def mask_iou(a: np.ndarray, b: np.ndarray, threshold: float = MASK_THRESHOLD) ->
 
 def compare(feed: str, actual: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarray],
             tolerance: Tolerance) -> List[OutputParity]:
-    """One row per reference output; a missing or mis-shaped output fails its row."""
+    """One row per reference output; a missing or mis-shaped output fails its row, and an
+    integer output (indices) must be equal."""
     rows = []
     for name, ref in reference.items():
+        exact = np.issubdtype(np.asarray(ref).dtype, np.integer)
         ref = np.asarray(ref, dtype=np.float64)
         ref_max = float(np.abs(ref).max()) if ref.size else 0.0
-        allowed = tolerance.atol + tolerance.rtol * ref_max
+        allowed = 0.0 if exact else tolerance.atol + tolerance.rtol * ref_max
         got = actual.get(name)
         if got is None or np.shape(got) != ref.shape:
             rows.append(OutputParity(feed, name, float("inf"), ref_max, allowed, None))

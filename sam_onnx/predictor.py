@@ -44,9 +44,9 @@ def _read_graph(path: PathLike) -> onnx.ModelProto:
     return onnx.load(str(path), load_external_data=False)
 
 
-#: What the predictor takes from any decoder (the lowres contract's outputs); it upscales
-#: the logits itself.
-LOW_RES_OUTPUTS = DECODER_LOWRES.output_names
+#: What the predictor takes from any decoder (the lowres contract's outputs, and the batched
+#: one's kept prompts); it upscales the logits itself.
+READ_OUTPUTS = DECODER_LOWRES.output_names + ("kept_prompts",)
 
 
 def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContract):
@@ -54,9 +54,10 @@ def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContr
     predictor upscales in numpy: 3-6 ms against the graph's 15 ms for vit_b at 1800x1200,
     measured), unless its weights live outside the file; other graphs as they are."""
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer)
-    if set(contract.output_names) <= set(LOW_RES_OUTPUTS) or external:
+    read = [name for name in contract.output_names if name in READ_OUTPUTS]
+    if len(read) == len(contract.output_names) or external:
         return path
-    return repair_passes.keep_outputs(graph, LOW_RES_OUTPUTS).SerializeToString()
+    return repair_passes.keep_outputs(graph, read).SerializeToString()
 
 
 #: How decoder sessions differ from the caller's config: no memory pattern (it plans for one
@@ -154,7 +155,20 @@ class SamOnnxPredictor:
         padding point is added): coords (B, N, 2) in the original image's pixels, labels
         (B, N) -> low-res logits (B, C, 256, 256) and scores (B, C); no upscaling.
 
-        A ``batched`` decoder takes all B in one run; other decoders run once per prompt."""
+        A ``batched`` decoder takes many prompts in one run; other decoders one per run."""
+        low_res, scores, _ = self.predict_batch_filtered(
+            point_coords, point_labels, -np.inf, multimask_output)
+        return low_res, scores
+
+    def predict_batch_filtered(self, point_coords: np.ndarray, point_labels: np.ndarray,
+                               pred_iou_thresh: float, multimask_output: bool = True
+                               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As predict_batch, but logits only for the prompts with a score above
+        ``pred_iou_thresh``: (logits (K, C, 256, 256), scores (B, C), the K prompts' indices,
+        increasing).
+
+        A ``batched`` decoder then skips the upscaler, half of a prompt's time, for the others:
+        the automatic mask generator drops their masks unseen."""
         self._require_image()
         coords = np.asarray(point_coords, np.float64)
         labels = np.asarray(point_labels, np.float64)
@@ -167,20 +181,26 @@ class SamOnnxPredictor:
         labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
         picked = _mask_slice(multimask_output)
         step = self.decoder_batch if self.decoder_contract.name == "batched" else 1
-        n = len(range(NUM_MASK_TOKENS)[picked])
-        low_res = np.empty((b, n, MASK_INPUT_SIZE, MASK_INPUT_SIZE), np.float32)
-        scores = np.empty((b, n), np.float32)
+        scores = np.empty((b, len(range(NUM_MASK_TOKENS)[picked])), np.float32)
+        low_res, kept = [], []
         for i in range(0, b, step):  # bounded runs: same speed per prompt, less memory
-            out = self._run(self._feed(coords[i:i + step], labels[i:i + step], None))
-            low_res[i:i + step] = out["low_res_masks"][:, picked]
+            out = self._run(self._feed(coords[i:i + step], labels[i:i + step], None,
+                                       pred_iou_thresh))
             scores[i:i + step] = out["iou_predictions"][:, picked]
-        return low_res, scores
+            # the graph keeps a prompt for any of its four scores; here only the picked count
+            # (a NaN score is not "at or below", so it is kept, as in the graph)
+            rows = out.get("kept_prompts", np.arange(len(out["iou_predictions"])))
+            passed = ~(scores[i + rows] <= pred_iou_thresh).all(axis=1)
+            low_res.append(out["low_res_masks"][passed, picked])
+            kept.append(i + rows[passed])
+        return np.concatenate(low_res), scores, np.concatenate(kept)
 
     def _run(self, feed):
         problems = check_feed(self._decoder_graph, from_arrays(feed)).errors
         if problems:
             raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
-        return dict(zip(LOW_RES_OUTPUTS, self.decoder.run(list(LOW_RES_OUTPUTS), feed)))
+        names = [n for n in self.decoder_contract.output_names if n in READ_OUTPUTS]
+        return dict(zip(names, self.decoder.run(names, feed)))
 
     def _prompt(self, point_coords, point_labels, box):
         h, w = self.original_size
@@ -220,7 +240,7 @@ class SamOnnxPredictor:
             lab = np.concatenate([lab, [-1.0]])
         return transforms.apply_coords(coords, self.original_size), lab
 
-    def _feed(self, coords, labels, mask_input):
+    def _feed(self, coords, labels, mask_input, pred_iou_thresh: float = -np.inf):
         """The decoder's inputs, by its contract, for (B, N, 2) coords in the 1024 frame."""
         mask = np.zeros((1, 1, MASK_INPUT_SIZE, MASK_INPUT_SIZE), np.float32)
         if mask_input is not None and "mask_input" not in self.decoder_contract.input_names:
@@ -240,6 +260,7 @@ class SamOnnxPredictor:
             "mask_input": mask,
             "has_mask_input": np.array([float(mask_input is not None)], np.float32),
             "orig_im_size": np.array(self.original_size, np.float32),
+            "pred_iou_thresh": np.array([pred_iou_thresh], np.float32),
         }
         return {name: values[name] for name in self.decoder_contract.input_names}
 

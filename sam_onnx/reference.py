@@ -76,7 +76,8 @@ def decoder_feed(contract: GraphContract, embeddings: np.ndarray, prompt: Prompt
         return {"image_embeddings": embeddings,
                 "point_coords": np.concatenate([coords, pad], 1).astype(np.float32),
                 "point_labels": np.concatenate([labels, -np.ones_like(labels)], 1)
-                .astype(np.float32)}
+                .astype(np.float32),
+                "pred_iou_thresh": np.array([-np.inf], np.float32)}  # every prompt's masks
     coords = transform.apply_coords(prompt.points, prompt.image_size)
     labels = prompt.labels
     if prompt.box is not None:
@@ -110,7 +111,8 @@ def decoder_reference(sam, contract: GraphContract, embeddings: np.ndarray,
             image_embeddings=torch.from_numpy(embeddings),
             image_pe=sam.prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense)
-        return {"low_res_masks": low_res.numpy(), "iou_predictions": iou.numpy()}
+        return {"low_res_masks": low_res.numpy(), "iou_predictions": iou.numpy(),
+                "kept_prompts": np.arange(len(iou), dtype=np.int64)}
     coords = torch.from_numpy(transform.apply_coords(prompt.points, prompt.image_size)).float()
     labels = torch.from_numpy(prompt.labels).float()
     box = None

@@ -104,6 +104,16 @@ def parity(reference: Path, records: Path):
     return compare_records(masks(reference), masks(records))
 
 
+def _current(decoder: Path) -> bool:
+    """Whether a decoder exported by an earlier run still follows the batched contract."""
+    import onnx
+    from sam_onnx.contracts import DECODER_BATCHED
+    from sam_onnx.signature import mismatches
+
+    return decoder.exists() and not mismatches(onnx.load(str(decoder), load_external_data=False),
+                                               DECODER_BATCHED)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child")
@@ -133,7 +143,7 @@ def main() -> None:
     ckpt = random_checkpoint(args.model, args.work)
     out = args.work / f"amg-{args.model}"
     name = f"{args.model}_decoder_batched"
-    if not (out / f"{name}.int8.onnx").exists():
+    if not _current(out / f"{name}.int8.onnx"):
         sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out, decoder_contract="batched",
                         quantize="int8")
     enc = out / f"{args.model}_encoder.onnx"

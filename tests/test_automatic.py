@@ -145,6 +145,67 @@ def test_raw_per_point_outputs_equal_sam_predictor(models, predictor):
         np.testing.assert_allclose(scores, t_scores.numpy(), atol=1e-4, err_msg=name)
 
 
+def _grid_args(img, per_side=6):
+    points = amg.build_point_grid(per_side) * np.array([img.shape[1], img.shape[0]])
+    return points[:, None], np.ones((len(points), 1))
+
+
+def test_filtered_batch_holds_the_unfiltered_rows_of_prompts_above_the_threshold(models,
+                                                                                 predictor):
+    img = _synthetic()
+    predictor.set_image(img)
+    args = _grid_args(img)
+    low_res, scores = predictor.predict_batch(*args)
+    thresh = float(np.median(scores.max(axis=1)))
+    got, got_scores, kept = predictor.predict_batch_filtered(*args, thresh)
+    np.testing.assert_array_equal(kept, np.flatnonzero((scores > thresh).any(axis=1)))
+    assert 0 < len(kept) < len(scores)
+    np.testing.assert_array_equal(got_scores, scores)
+    np.testing.assert_allclose(got, low_res[kept], atol=1e-5)
+    none, _, kept = predictor.predict_batch_filtered(*args, np.inf)
+    assert none.shape == (0, 3, 256, 256) and kept.shape == (0,)
+    # a decoder that runs one prompt per call gives the same prompts
+    one_by_one = SamOnnxPredictor(models["encoder"], models["official"])
+    one_by_one.set_image(img)
+    same, _, kept_one = one_by_one.predict_batch_filtered(*args, thresh)
+    np.testing.assert_array_equal(kept_one, np.flatnonzero((scores > thresh).any(axis=1)))
+    np.testing.assert_allclose(same, got, atol=1e-4)
+
+
+def test_batched_graph_upscales_only_prompts_with_a_score_above_the_threshold(predictor):
+    """The graph itself: any of the four scores (the single-mask one too) keeps a prompt."""
+    img = _synthetic()
+    predictor.set_image(img)
+    coords, labels = _grid_args(img)
+    feed = predictor._feed(np.concatenate([coords, np.zeros_like(coords)], 1),
+                           np.concatenate([labels, -np.ones_like(labels)], 1), None)
+    everything = predictor.decoder.run(None, feed)
+    masks, iou, kept = everything
+    np.testing.assert_array_equal(kept, np.arange(len(iou)))
+    thresh = float(np.median(iou.max(axis=1)))
+    feed["pred_iou_thresh"] = np.array([thresh], np.float32)
+    some_masks, same_iou, some = predictor.decoder.run(None, feed)
+    np.testing.assert_array_equal(some, np.flatnonzero((iou > thresh).any(axis=1)))
+    assert 0 < len(some) < len(iou)
+    np.testing.assert_array_equal(same_iou, iou)
+    np.testing.assert_allclose(some_masks, masks[some], atol=1e-5)
+
+
+def test_records_equal_when_the_iou_filter_splits_the_prompts(models, predictor):
+    """A pred_iou_thresh between the scores: the decoder skips the rejected prompts' masks
+    and the records still equal segment_anything's."""
+    img = _synthetic()
+    predictor.set_image(img)
+    _, scores = predictor.predict_batch(*_grid_args(img, 8))
+    settings = dict(points_per_side=8, pred_iou_thresh=float(np.quantile(scores, 0.7)),
+                    stability_score_thresh=0.0, box_nms_thresh=1.0)
+    want = SamAutomaticMaskGenerator(models["sam"], **settings).generate(img)
+    got = SamOnnxAutomaticMaskGenerator(predictor, **settings).generate(img)
+    assert 3 < len(got) < scores.size * 0.5
+    parity = compare_records(want, got)
+    assert parity.passed, parity
+
+
 @pytest.mark.parametrize("settings", [
     dict(points_per_side=8, **KEEPING),
     dict(points_per_side=6, crop_n_layers=1, crop_nms_thresh=1.0, **KEEPING),
