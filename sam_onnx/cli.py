@@ -144,9 +144,9 @@ def _pairs(ctx, param, values):
               help="Keep weights in a .data file beside the graph, or inside it (under 2 GB).")
 @click.option("--simplify", is_flag=True, help="Simplify with onnxsim.")
 @click.option("--fp16", is_flag=True, help="float16 weights and compute, float32 inputs/outputs.")
-@click.option("--contract", type=click.Choice(["official", "lowres"]),
+@click.option("--contract", type=click.Choice(["official", "lowres", "batched"]),
               help="Adapt a decoder to this contract (add or remove has_mask_input, "
-                   "orig_im_size and the upscaling).")
+                   "orig_im_size and the upscaling; add pred_iou_thresh to a many-prompt one).")
 @click.option("--auto", "auto", is_flag=True, help="Apply what makes the graph take --feed.")
 @click.option("--feed", help="With --auto: the contract whose feed the graph must take.")
 @_expected_errors

@@ -9,10 +9,13 @@ import onnx
 from onnx import TensorProto, helper
 
 from . import signature
-from .contracts import DECODER_LOWRES, DECODER_OFFICIAL, IMAGE_SIZE
+from .contracts import DECODER_BATCHED, DECODER_LOWRES, DECODER_OFFICIAL, IMAGE_SIZE
 from .errors import SamOnnxError
 
 POINT_INPUTS = ("point_coords", "point_labels")
+#: A many-prompt decoder that returns every prompt's masks: the batched contract before it
+#: took pred_iou_thresh, and what other tools export.
+UNFILTERED_BATCHED_INPUTS = {"image_embeddings", *POINT_INPUTS}
 
 
 def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -185,6 +188,50 @@ def to_lowres(model: onnx.ModelProto) -> List[str]:
             "dropped the masks output and its upscaling"]
 
 
+def to_batched(model: onnx.ModelProto) -> List[str]:
+    """A many-prompt decoder that returns every prompt's masks becomes a ``batched`` one:
+    pred_iou_thresh picks the prompts whose masks are returned and kept_prompts says which.
+    The masks are picked after they are computed (an exported batched decoder skips them)."""
+    g = model.graph
+    if {v.name for v in g.input} != UNFILTERED_BATCHED_INPUTS:
+        raise SamOnnxError("only a decoder taking image_embeddings, point_coords and "
+                           "point_labels can be adapted to the batched contract")
+    if {"low_res_masks", "iou_predictions"} - {o.name for o in g.output}:
+        raise SamOnnxError("the decoder's outputs must be named low_res_masks and "
+                           "iou_predictions first: --rename OLD=low_res_masks")
+    thresh = DECODER_BATCHED.input("pred_iou_thresh")
+    masks, _, kept = DECODER_BATCHED.outputs
+    _rename_everywhere(g, masks.name, "sam_onnx_all_masks")
+    _rename_everywhere(g, kept.name, "sam_onnx_inner_kept")  # an inner tensor of that name
+    g.input.append(helper.make_tensor_value_info(thresh.name, TensorProto.FLOAT, thresh.shape))
+    g.initializer.extend([
+        helper.make_tensor("sam_onnx_ones4", TensorProto.FLOAT, [4, 1], [1.0] * 4),
+        helper.make_tensor("sam_onnx_all4", TensorProto.FLOAT, [], [3.5]),
+        helper.make_tensor("sam_onnx_flat", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("sam_onnx_zero1", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("sam_onnx_one1", TensorProto.INT64, [1], [1]),
+    ])
+    n = helper.make_node
+    g.node.extend([  # kept: prompts whose four scores are not all at or below the threshold
+        n("LessOrEqual", ["iou_predictions", thresh.name], ["sam_onnx_at_or_below"]),
+        n("Cast", ["sam_onnx_at_or_below"], ["sam_onnx_below_f"], to=TensorProto.FLOAT),
+        n("MatMul", ["sam_onnx_below_f", "sam_onnx_ones4"], ["sam_onnx_count"]),  # any opset
+        n("Less", ["sam_onnx_count", "sam_onnx_all4"], ["sam_onnx_keep"]),
+        n("NonZero", ["sam_onnx_keep"], ["sam_onnx_nonzero"]),
+        n("Slice", ["sam_onnx_nonzero", "sam_onnx_zero1", "sam_onnx_one1"], ["sam_onnx_rows"]),
+        n("Reshape", ["sam_onnx_rows", "sam_onnx_flat"], [kept.name]),
+        n("Gather", ["sam_onnx_all_masks", kept.name], [masks.name], axis=0),
+    ])
+    outputs = {o.name: o for o in g.output}
+    del g.output[:]
+    g.output.extend([
+        helper.make_tensor_value_info(masks.name, TensorProto.FLOAT, masks.shape),
+        outputs["iou_predictions"],
+        helper.make_tensor_value_info(kept.name, TensorProto.INT64, kept.shape)])
+    return ["added pred_iou_thresh: masks only for the prompts with a score above it",
+            "added kept_prompts"]
+
+
 def keep_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     """A copy of ``model`` that computes only the outputs ``names``: the nodes and
     initializers only the other outputs used are gone."""
@@ -259,4 +306,5 @@ def _toposort(graph: onnx.GraphProto) -> None:
 
 
 PRESERVES_FUNCTION = {"rename", "dynamic_points", "drop_initializer_inputs", "ir_version",
-                      "opset", "external_data", "simplify", "to_official", "to_lowres"}
+                      "opset", "external_data", "simplify", "to_official", "to_lowres",
+                      "to_batched"}

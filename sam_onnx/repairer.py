@@ -82,8 +82,10 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
         note("to_official", passes.to_official(model))
     elif contract == "lowres":
         note("to_lowres", passes.to_lowres(model))
+    elif contract == "batched":
+        note("to_batched", passes.to_batched(model))
     elif contract is not None:
-        raise SamOnnxError(f"--contract {contract}: use official or lowres")
+        raise SamOnnxError(f"--contract {contract}: use official, lowres or batched")
     if opset is not None:
         before = _opset(model)
         if before != opset:
@@ -195,6 +197,8 @@ def _auto_plan(model: onnx.ModelProto, feed: str) -> dict:
         plan["contract"] = "official"
     elif feed == "lowres" and current == set(CONTRACTS["official"].input_names):
         plan["contract"] = "lowres"
+    elif feed == "batched" and current == passes.UNFILTERED_BATCHED_INPUTS:
+        plan["contract"] = "batched"
     for value in model.graph.input:
         if renames.get(value.name, value.name) in passes.POINT_INPUTS:
             dim = value.type.tensor_type.shape.dim
@@ -212,7 +216,8 @@ def _compare(src: Path, original: onnx.ModelProto, repaired: Path, renames: Dict
     arrays = {renames.get(k, k): v for k, v in base.items()}
     mask = arrays.get("mask_input")
     defaults = {"has_mask_input": np.array([float(mask is not None and np.any(mask))], np.float32),
-                "orig_im_size": np.array([1024.0, 1024.0], np.float32)}
+                "orig_im_size": np.array([1024.0, 1024.0], np.float32),
+                "pred_iou_thresh": np.array([-np.inf], np.float32)}  # every prompt's masks
     feed_new = {t.name: arrays.get(t.name, defaults.get(t.name))
                 for t in signature.graph_inputs(new_model)}
     cpu = SessionConfig(providers=("cpu",))

@@ -8,8 +8,9 @@ import pytest
 
 import sam_onnx
 from sam_onnx import feeds, metadata, validator
-from sam_onnx.contracts import DECODER_LOWRES, DECODER_OFFICIAL
+from sam_onnx.contracts import DECODER_BATCHED, DECODER_LOWRES, DECODER_OFFICIAL
 from sam_onnx.errors import SamOnnxError
+from sam_onnx.repair_passes import keep_outputs
 from sam_onnx.repairer import repair
 
 from conftest import run_cli, static_points
@@ -225,3 +226,46 @@ def test_auto_makes_a_fixed_batch_batched_decoder_take_any_prompt_count(tiny_bat
     assert any("num_points" in c for c in result.changes)
     assert validator.validate(tmp_path / "fixed.onnx", feed="batched", run=True).ok
     assert metadata.read(onnx.load(str(tmp_path / "fixed.onnx")))["contract"] == "batched"
+
+
+def _unfiltered(model):
+    """The batched decoder as it was before pred_iou_thresh (and as other tools export
+    many-prompt decoders): three inputs, every prompt's masks."""
+    g = model.graph
+    g.initializer.append(onnx.helper.make_tensor("every_prompt", onnx.TensorProto.FLOAT,
+                                                 [1], [-np.inf]))
+    for node in g.node:
+        node.input[:] = ["every_prompt" if i == "pred_iou_thresh" else i for i in node.input]
+    g.input.remove(next(v for v in g.input if v.name == "pred_iou_thresh"))
+    pruned = keep_outputs(model, ["low_res_masks", "iou_predictions"])
+    model.CopyFrom(pruned)
+    metadata.write(model, {})
+
+
+def test_auto_gives_an_unfiltered_many_prompt_decoder_the_batched_contract(tiny_batched,
+                                                                          tmp_path):
+    old = _broken(tiny_batched, tmp_path, _unfiltered)
+    report = validator.validate(old, feed="batched")
+    assert any("pred_iou_thresh" in f.message for f in report.errors), report.findings
+    proc = run_cli("repair", old, "-o", tmp_path / "fixed.onnx", "--auto", "--feed", "batched")
+    assert proc.returncode == 0, proc.stderr
+    assert "to_batched" in proc.stdout and "parity" in proc.stdout
+    assert validator.validate(tmp_path / "fixed.onnx", feed="batched", run=True).ok
+    assert metadata.read(onnx.load(str(tmp_path / "fixed.onnx")))["contract"] == "batched"
+    # the repaired graph picks the same prompts and masks as an exported batched decoder
+    feed = feeds.example_arrays(DECODER_BATCHED)
+    rng = np.random.default_rng(0)
+    feed["image_embeddings"] = rng.standard_normal(feed["image_embeddings"].shape,
+                                                   dtype=np.float32)
+    feed["point_coords"] = rng.uniform(0, 1024, (6, 2, 2)).astype(np.float32)
+    feed["point_labels"] = np.tile(np.array([[1.0, -1.0]], np.float32), (6, 1))
+    exported = ort.InferenceSession(str(tiny_batched), providers=["CPUExecutionProvider"])
+    fixed = ort.InferenceSession(str(tmp_path / "fixed.onnx"),
+                                 providers=["CPUExecutionProvider"])
+    iou = exported.run(["iou_predictions"], {**feed, "pred_iou_thresh":
+                                             np.array([-np.inf], np.float32)})[0]
+    feed["pred_iou_thresh"] = np.array([np.median(iou.max(axis=1))], np.float32)
+    want, got = exported.run(None, feed), fixed.run(None, feed)
+    assert 0 < len(got[2]) < 6
+    for w, g in zip(want, got):
+        np.testing.assert_allclose(g, w, atol=1e-5)
