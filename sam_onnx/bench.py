@@ -15,7 +15,6 @@ import json
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .errors import SamOnnxError
+from .stages import peak_rss_gib
 
 #: A point prompt in the middle of the image, as the one-prompt latency is measured.
 _PROMPT = (0.5, 0.5)
@@ -206,7 +206,7 @@ def _torch_pipeline(cfg: BenchConfig) -> Dict:
     mm = timed(lambda: torch.mm(a, b), 10, warmup=3)
     return {"init_s": init, **out, "encoder_flops": counter.get_total_flops(),
             "gemm_flops_per_s": 2 * 2048 ** 3 / mm["median"], "threads": torch.get_num_threads(),
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+            "peak_rss_gib": peak_rss_gib()}
 
 
 def _onnx_pipeline(cfg: BenchConfig, provider: str) -> Dict:
@@ -222,7 +222,7 @@ def _onnx_pipeline(cfg: BenchConfig, provider: str) -> Dict:
                       cfg)
     return {"init_s": init, **out,
             "providers": {"encoder": predictor.encoder.active, "decoder": predictor.decoder.active},
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+            "peak_rss_gib": peak_rss_gib()}
 
 
 def _in_fresh_process(fn, *args) -> Dict:

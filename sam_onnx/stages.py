@@ -22,9 +22,21 @@ class Stages:
         start = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
         log.info("%s: %.1f s (RSS %.2f GiB, peak so far %.2f GiB)", name, self.timings[name],
-                 current_rss_gib(), peak)
+                 current_rss_gib(), peak_rss_gib())
+
+
+def peak_rss_gib() -> float:
+    """This process's own peak RSS. ``ru_maxrss`` is not: it starts from the parent's peak at
+    fork and survives exec, so a child of a big process reports the parent's size."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB -> GiB
+    except OSError:  # not Linux
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def current_rss_gib() -> float:
