@@ -19,7 +19,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import amg, transforms
-from .contracts import MASK_THRESHOLD
+from .contracts import EVERY_PROMPT, MASK_THRESHOLD
 from .errors import SamOnnxError
 from .images import ImageLike, load_image
 from .predictor import SamOnnxPredictor
@@ -154,11 +154,12 @@ class SamOnnxAutomaticMaskGenerator:
 
     def _process_batch(self, points: np.ndarray, im_size: Tuple[int, int],
                        crop_box: List[int], orig_size: Tuple[int, int]) -> amg.MaskData:
-        thresh = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else -np.inf
+        filtering = self.pred_iou_thresh > 0.0  # segment_anything skips the filter at <= 0
         low_res, iou, kept = self.predictor.predict_batch_filtered(
-            points[:, None, :], np.ones((len(points), 1)), thresh)
+            points[:, None, :], np.ones((len(points), 1)),
+            self.pred_iou_thresh if filtering else EVERY_PROMPT)
         iou, points = iou[kept], points[kept]
-        keep = iou > thresh if self.pred_iou_thresh > 0.0 else \
+        keep = iou > self.pred_iou_thresh if filtering else \
             np.ones(iou.shape, bool)  # (prompts, masks), in segment_anything's order
         low_res, iou = low_res[keep], iou[keep]
         pts = np.repeat(points[:, None], keep.shape[1], axis=1)[keep]

@@ -22,6 +22,8 @@ NUM_MASK_TOKENS = 4
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
 MASK_THRESHOLD = 0.0
+#: The batched decoder's pred_iou_thresh that keeps every prompt's masks.
+EVERY_PROMPT = float("-inf")
 
 
 @dataclass(frozen=True)

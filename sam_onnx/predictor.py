@@ -14,8 +14,8 @@ import numpy as np
 import onnx
 
 from . import metadata, repair_passes, signature, transforms
-from .contracts import (DECODER_LOWRES, MASK_INPUT_SIZE, MASK_THRESHOLD, NUM_MASK_TOKENS,
-                        GraphContract)
+from .contracts import (DECODER_BATCHED, DECODER_LOWRES, EVERY_PROMPT, MASK_INPUT_SIZE,
+                        MASK_THRESHOLD, NUM_MASK_TOKENS, GraphContract)
 from .errors import SamOnnxError
 from .feeds import from_arrays
 from .images import ImageLike, load_image
@@ -46,7 +46,7 @@ def _read_graph(path: PathLike) -> onnx.ModelProto:
 
 #: What the predictor takes from any decoder (the lowres contract's outputs, and the batched
 #: one's kept prompts); it upscales the logits itself.
-READ_OUTPUTS = DECODER_LOWRES.output_names + ("kept_prompts",)
+READ_OUTPUTS = tuple(dict.fromkeys(DECODER_LOWRES.output_names + DECODER_BATCHED.output_names))
 
 
 def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContract):
@@ -157,7 +157,7 @@ class SamOnnxPredictor:
 
         A ``batched`` decoder takes many prompts in one run; other decoders one per run."""
         low_res, scores, _ = self.predict_batch_filtered(
-            point_coords, point_labels, -np.inf, multimask_output)
+            point_coords, point_labels, EVERY_PROMPT, multimask_output)
         return low_res, scores
 
     def predict_batch_filtered(self, point_coords: np.ndarray, point_labels: np.ndarray,
@@ -240,7 +240,7 @@ class SamOnnxPredictor:
             lab = np.concatenate([lab, [-1.0]])
         return transforms.apply_coords(coords, self.original_size), lab
 
-    def _feed(self, coords, labels, mask_input, pred_iou_thresh: float = -np.inf):
+    def _feed(self, coords, labels, mask_input, pred_iou_thresh: float = EVERY_PROMPT):
         """The decoder's inputs, by its contract, for (B, N, 2) coords in the 1024 frame."""
         mask = np.zeros((1, 1, MASK_INPUT_SIZE, MASK_INPUT_SIZE), np.float32)
         if mask_input is not None and "mask_input" not in self.decoder_contract.input_names:

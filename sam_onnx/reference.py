@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from segment_anything.utils.transforms import ResizeLongestSide
 
-from .contracts import EMBEDDING_DIM, EMBEDDING_SIZE, IMAGE_SIZE, MASK_INPUT_SIZE, GraphContract
+from .contracts import EMBEDDING_DIM, EVERY_PROMPT, EMBEDDING_SIZE, IMAGE_SIZE, MASK_INPUT_SIZE, GraphContract
 
 Arrays = Dict[str, np.ndarray]
 
@@ -77,7 +77,7 @@ def decoder_feed(contract: GraphContract, embeddings: np.ndarray, prompt: Prompt
                 "point_coords": np.concatenate([coords, pad], 1).astype(np.float32),
                 "point_labels": np.concatenate([labels, -np.ones_like(labels)], 1)
                 .astype(np.float32),
-                "pred_iou_thresh": np.array([-np.inf], np.float32)}  # every prompt's masks
+                "pred_iou_thresh": np.array([EVERY_PROMPT], np.float32)}
     coords = transform.apply_coords(prompt.points, prompt.image_size)
     labels = prompt.labels
     if prompt.box is not None:

@@ -15,7 +15,7 @@ from .errors import SamOnnxError
 POINT_INPUTS = ("point_coords", "point_labels")
 #: A many-prompt decoder that returns every prompt's masks: the batched contract before it
 #: took pred_iou_thresh, and what other tools export.
-UNFILTERED_BATCHED_INPUTS = {"image_embeddings", *POINT_INPUTS}
+UNFILTERED_BATCHED_INPUTS = set(DECODER_BATCHED.input_names) - {"pred_iou_thresh"}
 
 
 def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:

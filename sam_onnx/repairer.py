@@ -16,7 +16,7 @@ import onnx
 
 from . import repair_passes as passes
 from . import metadata, sessions, signature, validator
-from .contracts import CONTRACTS
+from .contracts import CONTRACTS, EVERY_PROMPT
 from .errors import SamOnnxError
 from .exporter import PROTOBUF_LIMIT
 from .findings import Report
@@ -217,7 +217,7 @@ def _compare(src: Path, original: onnx.ModelProto, repaired: Path, renames: Dict
     mask = arrays.get("mask_input")
     defaults = {"has_mask_input": np.array([float(mask is not None and np.any(mask))], np.float32),
                 "orig_im_size": np.array([1024.0, 1024.0], np.float32),
-                "pred_iou_thresh": np.array([-np.inf], np.float32)}  # every prompt's masks
+                "pred_iou_thresh": np.array([EVERY_PROMPT], np.float32)}
     feed_new = {t.name: arrays.get(t.name, defaults.get(t.name))
                 for t in signature.graph_inputs(new_model)}
     cpu = SessionConfig(providers=("cpu",))

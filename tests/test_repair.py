@@ -196,6 +196,7 @@ def test_a_failed_repair_writes_nothing(decoders, tmp_path):
     ([], "nothing to repair"),
     (["--rename", "broken"], "use OLD=NEW"),
     (["--auto"], "--auto needs --feed"),
+    (["--contract", "batched"], "can be adapted to the batched contract"),
 ])
 def test_bad_repair_arguments(decoders, tmp_path, args, words):
     proc = run_cli("repair", decoders["official"], "-o", tmp_path / "o.onnx", *args)
