@@ -72,22 +72,30 @@ def _image_to_token(attn, image_q: torch.Tensor, tokens_k: torch.Tensor,
     k = _heads(attn.k_proj(tokens_k), h)  # (B, h, T, d)
     v = _heads(attn.v_proj(tokens_v), h)
     b, _, t, d = k.shape
-    scale = 1.0 / math.sqrt(d)
+    k = k / math.sqrt(d)  # the scale on the few keys rather than on the N x T scores
+    # scores as (B, h, T, N), the few prompt tokens on the softmax axis and the N image
+    # tokens contiguous: ONNX Runtime's Softmax over a last axis of 7 took 0.3 ms a layer
     if shared:
         q = _heads(attn.q_proj(image_q), h)  # (1, h, N, d), once per batch
-        scores = (q @ k.transpose(-2, -1)).transpose(1, 2)  # (B, N, h, T)
+        scores = k @ q.transpose(-2, -1)  # (B, h, T, N)
     else:
         wq = _per_head_weight(attn.q_proj, h)  # (h, d, C)
-        m = (wq.transpose(1, 2) @ k.transpose(-2, -1))  # (B, h, C, T)
-        bias = attn.q_proj.bias.reshape(h, 1, d) @ k.transpose(-2, -1)  # (B, h, 1, T)
-        m = m.permute(0, 2, 1, 3).reshape(b, -1, h * t)  # (B, C, hT)
-        scores = (image_q @ m + bias.reshape(b, 1, h * t)).reshape(b, -1, h, t)
-    probs = torch.softmax(scores * scale, dim=-1).reshape(b, -1, h * t)  # (B, N, hT)
+        m = (k @ wq).reshape(b, h * t, -1)  # (B, hT, C)
+        bias = (k @ attn.q_proj.bias.reshape(h, d, 1)).reshape(b, h, t, 1)
+        scores = (m @ image_q.transpose(1, 2)).reshape(b, h, t, -1) + bias
+    probs = _softmax_over_tokens(scores).reshape(b, h * t, -1)  # (B, hT, N)
     wo = attn.out_proj.weight.reshape(-1, h, d).permute(1, 2, 0)  # (h, d, C)
     # (B, hT, C): values already out-projected; every head's probabilities sum to 1, so the
     # output bias is added to the few values (bias / heads) instead of the N outputs
     values = (v @ wo).reshape(b, h * t, -1) + attn.out_proj.bias / h
-    return probs @ values
+    return probs.transpose(1, 2) @ values
+
+
+def _softmax_over_tokens(scores: torch.Tensor) -> torch.Tensor:
+    """Softmax over axis 2 of (B, h, T, N), spelled out: ONNX Runtime runs a Softmax on an
+    inner axis through transposes (0.47 ms here), the reductions directly (0.11 ms)."""
+    e = torch.exp(scores - scores.amax(dim=2, keepdim=True))
+    return e / e.sum(dim=2, keepdim=True)
 
 
 class BatchedDecoder(nn.Module):
@@ -202,5 +210,8 @@ def _upscale_masks(mask_decoder, keys: torch.Tensor, hyper: torch.Tensor) -> tor
     x = F.gelu(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
     w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, -1)  # (c1, 2*2*c2)
     x = F.gelu((x @ w2).reshape(b, s * s * 16, c2) + conv2.bias)
-    masks = (hyper @ x.transpose(1, 2)).reshape(b, n, s, s, 2, 2, 2, 2)  # i, j, di, dj, ei, ej
-    return masks.permute(0, 1, 2, 4, 6, 3, 5, 7).reshape(b, n, 4 * s, 4 * s)
+    # pixel order in two 4-D transposes, which ONNX Runtime does in a third of the time of
+    # one 8-D transpose: row 4i + 2di + ei, column 4j + 2dj + ej
+    masks = (hyper @ x.transpose(1, 2)).reshape(b * n * s, s, 2, 8)  # i | j, di, (dj, ei, ej)
+    masks = masks.transpose(1, 2).reshape(b * n * s * 2, s * 2, 2, 2)  # (i, di) | (j, dj), ei, ej
+    return masks.transpose(1, 2).reshape(b, n, 4 * s, 4 * s)

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from . import signature
 from .contracts import DECODER_BATCHED, DECODER_LOWRES, DECODER_OFFICIAL, IMAGE_SIZE
@@ -239,6 +240,20 @@ def keep_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
     pruned.CopyFrom(model)
     _keep_outputs(pruned.graph, names)
     return pruned
+
+
+def bind_inputs(model: onnx.ModelProto, values: Dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs ``values`` are constants: ONNX Runtime then folds
+    everything computed from them alone when it loads the graph."""
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    graph = bound.graph
+    kept = [i for i in graph.input if i.name not in values]
+    graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name)
+                             for name, v in values.items())
+    del graph.input[:]
+    graph.input.extend(kept)
+    return bound
 
 
 def _keep_outputs(graph: onnx.GraphProto, names) -> None:

@@ -110,27 +110,45 @@ def test_binary_masks_embeddings_round_trip_and_reset(models, tmp_path):
         pred.predict(np.array([[1, 1]]), np.array([1]))
 
 
-def test_official_decoder_stops_at_its_low_res_outputs_unless_its_weights_are_outside(
-        models, tmp_path):
-    """The predictor runs an official graph only up to low_res_masks and upscales in numpy;
-    a graph keeping its weights in a .data file is run whole (its in-memory copy could not
-    find them). Both give the same masks."""
+def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
+    """An official graph runs only up to low_res_masks (the predictor upscales in numpy),
+    its weights outside the file or not; prompts without a mask run with the mask inputs
+    bound to "no mask", a mask prompt runs the whole graph. Both answer as the graph run
+    whole does."""
+    import onnxruntime as ort
+
+    from sam_onnx import transforms
     from sam_onnx.repairer import repair
 
     outside = repair(models["official"], tmp_path / "ext.onnx", external_data=True).output
-    pruned = SamOnnxPredictor(models["encoder"], models["official"])
-    whole = SamOnnxPredictor(None, outside)
-    assert {o.name for o in pruned.decoder.inner.get_outputs()} == set(
-        DECODER_LOWRES.output_names)
-    assert {o.name for o in whole.decoder.inner.get_outputs()} == set(
-        DECODER_OFFICIAL.output_names)
-    pruned.set_image(_synthetic())
-    pruned.save_embedding(tmp_path / "emb.npz")
-    whole.load_embedding(tmp_path / "emb.npz")
+    pred = SamOnnxPredictor(models["encoder"], outside)
+    assert {o.name for o in pred.decoder.inner.get_outputs()} == set(DECODER_LOWRES.output_names)
+    assert [i.name for i in pred.decoder.inner.get_inputs()] == [
+        n for n in DECODER_OFFICIAL.input_names if n not in ("mask_input", "has_mask_input")]
+    pred.set_image(_synthetic())
+    whole = ort.InferenceSession(str(models["official"]), providers=["CPUExecutionProvider"])
     box = np.array([100, 60, 400, 240])
-    for got, want in zip(pruned.predict(box=box, return_logits=True),
-                         whole.predict(box=box, return_logits=True)):
-        np.testing.assert_array_equal(got, want)
+
+    def whole_graph(mask):
+        low, scores = whole.run(["low_res_masks", "iou_predictions"], {
+            "image_embeddings": pred.features,
+            "point_coords": transforms.apply_coords(box.reshape(1, 2, 2).astype(float),
+                                                    pred.original_size).astype(np.float32),
+            "point_labels": np.array([[2, 3]], np.float32),
+            "mask_input": np.zeros((1, 1, 256, 256), np.float32) if mask is None else mask[None],
+            "has_mask_input": np.array([mask is not None], np.float32),
+            "orig_im_size": np.array(pred.original_size, np.float32)})
+        return low[0, 1:], scores[0, 1:]
+
+    _, scores, low = pred.predict(box=box)
+    want_low, want_scores = whole_graph(None)
+    np.testing.assert_allclose(low, want_low, atol=1e-5)
+    np.testing.assert_allclose(scores, want_scores, atol=1e-5)
+    _, refined_scores, refined = pred.predict(box=box, mask_input=low[:1])
+    want_low, want_scores = whole_graph(low[:1])
+    assert np.abs(refined - low).max() > 1e-3  # the mask prompt changes the answer
+    np.testing.assert_allclose(refined, want_low, atol=1e-5)
+    np.testing.assert_allclose(refined_scores, want_scores, atol=1e-5)
 
 
 @pytest.mark.parametrize("prompt, words", [
@@ -205,6 +223,16 @@ def test_a_decoder_following_no_contract_is_refused_with_the_fix(models, tmp_pat
     onnx.save(model, str(tmp_path / "odd.onnx"))
     with pytest.raises(SamOnnxError, match=r"nearest official.*repair --auto --feed official"):
         SamOnnxPredictor(models["encoder"], tmp_path / "odd.onnx")
+
+
+def test_a_decoder_without_its_weights_file_is_refused_with_the_fix(models, tmp_path):
+    from sam_onnx.repairer import repair
+
+    outside = repair(models["official"], tmp_path / "ext.onnx", external_data=True).output
+    for data in tmp_path.glob("ext.onnx.*"):
+        data.unlink()
+    with pytest.raises(SamOnnxError, match="cannot read the weights of .*ext.onnx.*keep the files"):
+        SamOnnxPredictor(None, outside)
 
 
 def test_predict_command_writes_mask_overlay_and_json(models, tmp_path):
