@@ -9,6 +9,8 @@ them in every attention layer (3.6 GFLOP per prompt). Here, with the same weight
   instead of ``q (Wk (x + pe))^T``, ``(A x) Wv`` instead of ``A (x Wv)``, and the output
   projection folded into the 7 token values (key biases shift every score of a row equally,
   which softmax ignores);
+* the last attention runs only for the tokens read after it (each token attends on its
+  own): the IoU and mask tokens, not the prompt's;
 * for many prompts without a mask prompt (the ``batched`` contract) the first layer's image
   tokens are the same for every prompt, so their projections run once per batch instead,
   and the upscaler runs only for the prompts whose predicted IoU passes a threshold;
@@ -127,14 +129,15 @@ class BatchedDecoder(nn.Module):
     @torch.no_grad()
     def forward(self, image_embeddings, point_coords, point_labels, pred_iou_thresh):
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
-        queries, keys = two_way_transformer(
-            self.mask_decoder, image_embeddings + no_mask, self.image_pe,
+        dec = self.mask_decoder
+        out, keys = two_way_transformer(
+            dec, image_embeddings + no_mask, self.image_pe,
             self._embed_points(point_coords, point_labels), shared_first=True)
-        iou = self.mask_decoder.iou_prediction_head(queries[:, 0, :])
+        iou = dec.iou_prediction_head(out[:, 0])
         # "not all at or below" rather than "any above": a NaN score keeps its prompt
         kept = torch.nonzero(~(iou <= pred_iou_thresh).all(dim=1)).reshape(-1)
-        masks = _upscale_masks(self.mask_decoder, keys.index_select(0, kept),
-                               _hypernetworks(self.mask_decoder, queries.index_select(0, kept)))
+        masks = _upscale_masks(dec, keys.index_select(0, kept),
+                               _hypernetworks(dec, out.index_select(0, kept)[:, 1:]))
         return masks, iou, kept
 
 
@@ -149,14 +152,14 @@ def predict_masks(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,
     """``MaskDecoder.predict_masks`` for one image: ``image`` (1, C, 64, 64) is the
     embedding plus the dense prompt, ``image_pe`` (1, 4096, C), ``sparse`` (B, T, C) ->
     low-res masks (B, 4, 256, 256) and scores (B, 4)."""
-    queries, keys = two_way_transformer(mask_decoder, image, image_pe, sparse)
-    return (_upscale_masks(mask_decoder, keys, _hypernetworks(mask_decoder, queries)),
-            mask_decoder.iou_prediction_head(queries[:, 0, :]))
+    out, keys = two_way_transformer(mask_decoder, image, image_pe, sparse)
+    return (_upscale_masks(mask_decoder, keys, _hypernetworks(mask_decoder, out[:, 1:])),
+            mask_decoder.iou_prediction_head(out[:, 0]))
 
 
 def two_way_transformer(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,
                         sparse: torch.Tensor, shared_first: bool = False):
-    """The decoder's transformer, reassociated: output and prompt tokens (B, 5 + T, C) and
+    """The decoder's transformer, reassociated: the IoU and mask tokens (B, 5, C) and the
     image tokens (B, 4096, C) after it.
 
     ``shared_first``: project the first layer's image tokens once for all B prompts (worth it
@@ -184,15 +187,18 @@ def two_way_transformer(mask_decoder, image: torch.Tensor, image_pe: torch.Tenso
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(keys + _image_to_token(
             layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, shared))
+    # the last attention only for the tokens read after it (each attends on its own)
+    outputs = 1 + dec.num_mask_tokens
+    queries, tokens = queries[:, :outputs], tokens[:, :outputs]
     queries = transformer.norm_final_attn(queries + _token_to_image(
         transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe,
         shared=shared_first and len(transformer.layers) == 0))
     return queries, keys
 
 
-def _hypernetworks(mask_decoder, queries: torch.Tensor) -> torch.Tensor:
-    """The mask tokens' weights for the upscaled channels: (B, 4, c)."""
-    return torch.stack([mlp(queries[:, 1 + i, :]) for i, mlp in
+def _hypernetworks(mask_decoder, mask_tokens: torch.Tensor) -> torch.Tensor:
+    """The mask tokens' (B, 4, C) weights for the upscaled channels: (B, 4, c)."""
+    return torch.stack([mlp(mask_tokens[:, i, :]) for i, mlp in
                         enumerate(mask_decoder.output_hypernetworks_mlps)], dim=1)
 
 
