@@ -18,7 +18,7 @@ them in every attention layer (3.6 GFLOP per prompt). Here, with the same weight
   channels-last tokens, and the mask tokens are applied before the pixels are put in order.
 
 Measured on this 2-core machine (vit_b, ONNX Runtime, 16 prompts a run): the batched decoder
-takes ~15.6 ms a prompt with its masks and ~8.0 ms for the scores alone; segment_anything's
+takes ~15.3 ms a prompt with its masks and ~7.8 ms for the scores alone; segment_anything's
 decoder in PyTorch takes ~95-130 ms a prompt. About 1.4 GFLOP a prompt remain, most of it the
 upscaler (0.8 GFLOP) that no reassociation removes (a layer norm and GELUs sit between its
 products).
