@@ -89,6 +89,8 @@ def test_int8_graphs_are_checked_with_their_own_tolerance(tmp_path):
         assert q.parity.passed and q.parity.tolerance == q.contract.tolerances["int8"]
         assert metadata.read(onnx.load(str(q.path), load_external_data=False))["precision"] == "int8"
         assert q.path.stat().st_size < result.graph(role).path.stat().st_size
+        ops = {n.op_type for n in onnx.load(str(q.path), load_external_data=False).graph.node}
+        assert "MatMulInteger" in ops and "ConvInteger" not in ops  # convolutions stay fp32
 
 
 def test_unknown_model_type_is_a_usage_error():
