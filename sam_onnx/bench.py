@@ -241,7 +241,7 @@ def bench(cfg: BenchConfig, providers: Sequence[str] = ("cuda", "cpu"),
     from .check import same_weights
     from .checkpoints import sha256
     from .metadata import library_versions
-    from .sessions import gpu_unavailable_reason
+    from .sessions import provider_name, unavailable_reason
 
     checksum = "random" if cfg.random_weights else (
         "sha256:" + sha256(Path(cfg.checkpoint)) if cfg.checkpoint else None)
@@ -255,7 +255,7 @@ def bench(cfg: BenchConfig, providers: Sequence[str] = ("cuda", "cpu"),
     for provider in providers:
         label = f"ONNX {provider}"
         if provider != "cpu":
-            reason = gpu_unavailable_reason()
+            reason = unavailable_reason(provider_name(provider))
             if reason:
                 report.skipped[label] = reason
                 log(f"{label}: not run ({reason})")

@@ -46,8 +46,9 @@ def working_providers() -> Dict[str, str]:
                 session = sessions.create(path, sessions.SessionConfig(providers=(provider,)))
             out[provider] = "works" if provider in session.active else (
                 session.fallback_reason or "not enabled by ONNX Runtime")
-    if sessions.CUDA not in out:
-        out[sessions.CUDA] = sessions.gpu_unavailable_reason() or "not available"
+    for provider in (sessions.CUDA, sessions.OPENVINO):
+        if provider not in out:
+            out[provider] = sessions.unavailable_reason(provider) or "not available"
     return out
 
 

@@ -39,15 +39,20 @@ def provenance(contract: GraphContract, *, model_type: str, weights_source: str,
 
 
 def library_versions() -> Dict[str, str]:
+    """Installed versions; for ONNX Runtime, only the build that ``import onnxruntime`` loads
+    (the others are shadowed and never run)."""
     from importlib.metadata import PackageNotFoundError, version
 
+    from .sessions import installed_packages, ort
+
     out = {}
-    for dist in ("sam-onnx", "torch", "onnx", "onnxscript", "segment-anything", "onnxruntime",
-                 "onnxruntime-gpu"):
+    for dist in ("sam-onnx", "torch", "onnx", "onnxscript", "segment-anything"):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:
             pass
+    imported = installed_packages().get("imported", "onnxruntime")
+    out[imported] = ort.__version__
     return out
 
 

@@ -1,5 +1,5 @@
 """The one place ONNX Runtime sessions are built: providers asked for, providers really used,
-and, when CUDA was asked for but the session runs on CPU, why.
+and, when CUDA, TensorRT or OpenVINO was asked for but the session runs on CPU, why.
 
 ONNX Runtime falls back to CPU with at most a log line; here the fallback is said once through
 ``warnings`` (and ``logging``) with the reason found, or raised with ``strict=True``.
@@ -25,12 +25,15 @@ log = logging.getLogger(__name__)
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 TENSORRT = "TensorrtExecutionProvider"
-PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT}
+OPENVINO = "OpenVINOExecutionProvider"
+PROVIDER_NAMES = {"cpu": CPU, "cuda": CUDA, "tensorrt": TENSORRT, "openvino": OPENVINO}
+#: The onnxruntime builds: each is the same ``onnxruntime`` module, one shadows the others.
+PACKAGES = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino")
 _warned: set = set()
 
 
 class ProviderFallbackWarning(UserWarning):
-    """A GPU provider was asked for and the session runs on CPU."""
+    """A GPU or OpenVINO provider was asked for and the session runs on CPU."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +77,14 @@ class Session:
         return self.inner.run(outputs, feed, options)
 
 
-def _provider(name: str) -> str:
+def provider_name(name: str) -> str:
+    """ONNX Runtime's name for a provider given as "cuda", "openvino" ... or as its own."""
     key = name.lower().replace("executionprovider", "")
     if key in PROVIDER_NAMES:
         return PROVIDER_NAMES[key]
     if name in PROVIDER_NAMES.values():
         return name
-    raise SamOnnxError(f"unknown provider {name!r}; use cpu, cuda or tensorrt")
+    raise SamOnnxError(f"unknown provider {name!r}; use {', '.join(PROVIDER_NAMES)}")
 
 
 def installed_packages() -> dict:
@@ -88,7 +92,7 @@ def installed_packages() -> dict:
     from importlib.metadata import distribution
 
     found = {}
-    for dist in ("onnxruntime", "onnxruntime-gpu"):
+    for dist in PACKAGES:
         try:
             found[dist] = version(dist)
             owner = Path(distribution(dist).locate_file("onnxruntime/__init__.py"))
@@ -99,9 +103,30 @@ def installed_packages() -> dict:
     return found
 
 
+def unavailable_reason(provider: str) -> Optional[str]:
+    """Why ``provider`` (ONNX Runtime's name) cannot run here; None when nothing is found."""
+    return openvino_unavailable_reason() if provider == OPENVINO else gpu_unavailable_reason()
+
+
+def openvino_unavailable_reason() -> Optional[str]:
+    """OpenVINO comes only in its own onnxruntime build, onnxruntime-openvino."""
+    packages = installed_packages()
+    if packages.get("imported") == "onnxruntime-openvino":
+        return None
+    if "onnxruntime-openvino" in packages:
+        return (f"onnxruntime-openvino is installed but {packages.get('imported', 'another')} "
+                "onnxruntime shadows it: uninstall every onnxruntime package, then pip install "
+                "'sam-onnx[openvino]'")
+    return ("OpenVINO needs its own onnxruntime build: pip uninstall onnxruntime "
+            "onnxruntime-gpu, then pip install 'sam-onnx[openvino]'")
+
+
 def gpu_unavailable_reason() -> Optional[str]:
     """Why CUDA cannot run here, in the order a user would fix it; None when it can."""
     packages = installed_packages()
+    if packages.get("imported") == "onnxruntime-openvino":
+        return ("onnxruntime-openvino is installed, which has no CUDA: pip uninstall "
+                "onnxruntime-openvino, then pip install 'sam-onnx[gpu]'")
     if packages.get("imported") != "onnxruntime-gpu":
         if "onnxruntime-gpu" in packages:
             return ("onnxruntime-gpu is installed but the CPU-only onnxruntime shadows it: "
@@ -176,7 +201,7 @@ def create(model: Union[os.PathLike, str, bytes],
     ``name``: what messages call it (default: the file's name)."""
     in_memory = isinstance(model, bytes)
     name = name or ("<in-memory graph>" if in_memory else Path(model).name)
-    requested = [_provider(p) for p in config.providers]
+    requested = [provider_name(p) for p in config.providers]
     if CPU not in requested:
         requested.append(CPU)
     available = ort.get_available_providers()
@@ -195,17 +220,17 @@ def create(model: Union[os.PathLike, str, bytes],
                 "session.optimized_model_external_initializers_file_name", cached.name + ".data")
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    inner = ort.InferenceSession(source, options,
-                                 providers=[p for p in requested if p in available] or [CPU])
+    inner = ort.InferenceSession(source, options, providers=[
+        (p, _provider_options(p, config)) for p in requested if p in available] or [CPU])
     active = inner.get_providers()
     session = Session(inner, requested, active, input_names=[i.name for i in inner.get_inputs()],
                       output_names=[o.name for o in inner.get_outputs()])
-    gpu_asked = [p for p in requested if p != CPU]
-    if gpu_asked and not any(p in active for p in gpu_asked):
-        session.fallback_reason = gpu_unavailable_reason() or (
-            f"ONNX Runtime did not enable {', '.join(gpu_asked)} (see its log with "
+    asked = [p for p in requested if p != CPU]
+    if asked and not any(p in active for p in asked):
+        session.fallback_reason = unavailable_reason(asked[0]) or (
+            f"ONNX Runtime did not enable {', '.join(asked)} (see its log with "
             "log_severity_level=0)")
-        message = (f"{', '.join(gpu_asked)} requested but {name} runs on "
+        message = (f"{', '.join(asked)} requested but {name} runs on "
                    f"CPUExecutionProvider: {session.fallback_reason}")
         if config.strict:
             raise SamOnnxError(message)
@@ -216,9 +241,25 @@ def create(model: Union[os.PathLike, str, bytes],
     return session
 
 
+def _provider_options(provider: str, config: SessionConfig) -> dict:
+    """OpenVINO compiles the graph itself: its threads and its compiled-model cache are its
+    own options (ONNX Runtime's intra-op threads and optimized-model file do not reach it)."""
+    if provider != OPENVINO:
+        return {}
+    options = {"device_type": "CPU"}
+    if config.intra_op_threads:
+        options["num_of_threads"] = str(config.intra_op_threads)
+    if config.cache_dir is not None:
+        options["cache_dir"] = str(Path(config.cache_dir) / "openvino")
+    return options
+
+
 def _cached_model(path: Path, config: SessionConfig, providers: List[str]) -> Optional[Path]:
-    """Where the optimized graph for this model, ONNX Runtime version and providers is kept."""
-    if config.cache_dir is None:
+    """Where the optimized graph for this model, ONNX Runtime version and providers is kept;
+    None under OpenVINO, which caches its compiled model itself (ONNX Runtime cannot save a
+    graph an execution provider compiled)."""
+    if config.cache_dir is None or (OPENVINO in providers and
+                                    OPENVINO in ort.get_available_providers()):
         return None
     import hashlib
 

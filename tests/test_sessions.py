@@ -1,4 +1,5 @@
 """Sessions: a CUDA request on this CPU-only machine falls back to CPU and says why."""
+import json
 import os
 import subprocess
 import sys
@@ -85,6 +86,66 @@ def test_with_onnxruntime_gpu_and_no_driver_the_reason_names_the_driver(decoder,
     assert proc.returncode == 0, proc.stderr
     assert "['CPUExecutionProvider']" in proc.stdout
     assert "no NVIDIA driver: libcuda.so.1" in proc.stdout
+
+
+def test_openvino_without_its_onnxruntime_build_falls_back_naming_the_package(decoder):
+    if sessions.installed_packages().get("imported") == "onnxruntime-openvino":
+        pytest.skip("the OpenVINO build is what runs here")
+    sessions._warned.clear()
+    with pytest.warns(ProviderFallbackWarning) as caught:
+        session = sessions.create(decoder, SessionConfig(providers=("openvino", "cpu")))
+    assert session.active == ["CPUExecutionProvider"]
+    assert "OpenVINOExecutionProvider requested" in str(caught[0].message)
+    assert "pip install 'sam-onnx[openvino]'" in session.fallback_reason
+    with pytest.raises(SamOnnxError, match="onnxruntime-openvino|own onnxruntime build"):
+        sessions.create(decoder, SessionConfig(providers=("openvino",), strict=True))
+
+
+@pytest.mark.heavy
+def test_with_onnxruntime_openvino_the_graphs_run_on_openvino(tiny_export, tmp_path):
+    """The real onnxruntime-openvino package, shadowing the installed build: OpenVINO runs
+    encoder and decoder with the CPU provider's answers, caches its compiled model in its own
+    folder, and a CUDA request names the package that lacks it."""
+    target = tmp_path / "ortov"
+    pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                          str(target), "onnxruntime-openvino>=1.20,<2"],
+                         capture_output=True, text=True)
+    if pip.returncode != 0:
+        pytest.skip(f"onnxruntime-openvino could not be installed here: {pip.stderr[-300:]}")
+    code = f"""
+import json, warnings, numpy as np
+from sam_onnx import feeds as f, sessions
+from sam_onnx.contracts import DECODER_OFFICIAL
+from sam_onnx.sessions import SessionConfig
+folder = {str(tiny_export[0])!r}
+rng = np.random.default_rng(0)
+feeds = {{"tiny_encoder.onnx": {{"image": rng.standard_normal((1, 3, 1024, 1024), np.float32)}},
+         "tiny_decoder_official.onnx": f.example_arrays(DECODER_OFFICIAL)}}
+emb = feeds["tiny_decoder_official.onnx"]["image_embeddings"]
+emb[...] = rng.standard_normal(emb.shape, np.float32)
+out = {{"imported": sessions.installed_packages().get("imported")}}
+for graph, feed in feeds.items():
+    ov = sessions.create(f"{{folder}}/{{graph}}", SessionConfig(providers=("openvino",), strict=True,
+                         cache_dir={str(tmp_path / "cache")!r}))
+    cpu = sessions.create(f"{{folder}}/{{graph}}", SessionConfig(providers=("cpu",)))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(ov.run(None, feed), cpu.run(None, feed)))
+    out[graph] = {{"active": ov.active, "max_diff": diff}}
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    out["cuda"] = sessions.create(f"{{folder}}/tiny_decoder_official.onnx").fallback_reason
+print(json.dumps(out))
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(target)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["imported"] == "onnxruntime-openvino"
+    for graph in ("tiny_encoder.onnx", "tiny_decoder_official.onnx"):
+        assert out[graph]["active"][0] == "OpenVINOExecutionProvider", out
+        assert out[graph]["max_diff"] < 1e-4, out
+    assert list((tmp_path / "cache" / "openvino").iterdir()), "OpenVINO's compiled-model cache"
+    assert not list((tmp_path / "cache").glob("*.opt.onnx"))
+    assert "onnxruntime-openvino is installed, which has no CUDA" in out["cuda"]
 
 
 def test_cached_encoder_with_external_data_gives_the_same_output(tiny_export, tmp_path):
