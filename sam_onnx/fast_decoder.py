@@ -12,14 +12,13 @@ them in every attention layer (3.6 GFLOP per prompt). Here, with the same weight
 * the last attention runs only for the tokens read after it (each token attends on its
   own): the IoU and mask tokens, not the prompt's;
 * for many prompts without a mask prompt (the ``batched`` contract) the first layer's image
-  tokens are the same for every prompt, so their projections run once per batch instead;
-  the last attention runs for the IoU token of every prompt and for the mask tokens only of
-  the prompts whose predicted IoU passes a threshold, and so does the upscaler;
+  tokens are the same for every prompt, so their projections run once per batch instead,
+  and the upscaler runs only for the prompts whose predicted IoU passes a threshold;
 * the two transposed 2x2/stride-2 convolutions of the upscaler are matrix products on
   channels-last tokens, and the mask tokens are applied before the pixels are put in order.
 
 Measured on this 2-core machine (vit_b, ONNX Runtime, 16 prompts a run): the batched decoder
-takes ~15.7 ms a prompt with its masks and ~7.0-7.3 ms for the scores alone; segment_anything's
+takes ~15.3 ms a prompt with its masks and ~7.8 ms for the scores alone; segment_anything's
 decoder in PyTorch takes ~95-130 ms a prompt. About 1.4 GFLOP a prompt remain, most of it the
 upscaler (0.8 GFLOP) that no reassociation removes (a layer norm and GELUs sit between its
 products).
@@ -27,7 +26,6 @@ products).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +35,9 @@ from .contracts import EMBEDDING_SIZE
 
 
 def _heads(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """(B, T, D) -> (B, heads, T, D / heads); B may be 0 (see ``_token_to_image``)."""
-    _, t, d = x.shape
-    return x.reshape(-1, t, num_heads, d // num_heads).transpose(1, 2)
+    """(B, T, D) -> (B, heads, T, D / heads)"""
+    b, t, d = x.shape
+    return x.reshape(b, t, num_heads, d // num_heads).transpose(1, 2)
 
 
 def _per_head_weight(linear: nn.Linear, num_heads: int) -> torch.Tensor:
@@ -48,36 +46,25 @@ def _per_head_weight(linear: nn.Linear, num_heads: int) -> torch.Tensor:
     return linear.weight.reshape(num_heads, d_int // num_heads, c)
 
 
-def _token_to_image(attn, tokens: torch.Tensor, image: torch.Tensor,
-                    image_with_pe: Optional[torch.Tensor], shared: bool,
-                    pe: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``attn(q=tokens, k=image_with_pe, v=image)``; ``shared``: image is (1, N, C).
-
-    ``pe`` (N, C) instead of ``image_with_pe``: the positional term is scored as a product of
-    its own, ``(q Wk) pe^T``, one matrix product for all prompts, instead of adding pe to every
-    prompt's N x C image tokens: cheaper when only a few tokens attend.
-
-    Every reshape leaves the batch axis as its -1, so that a batch of no prompts (none kept)
-    runs: ONNX Runtime cannot resolve a -1 elsewhere in an empty tensor."""
+def _token_to_image(attn, tokens: torch.Tensor, image: torch.Tensor, image_with_pe: torch.Tensor,
+                    shared: bool) -> torch.Tensor:
+    """``attn(q=tokens, k=image_with_pe, v=image)``; ``shared``: image is (1, N, C)."""
     h = attn.num_heads
     q = _heads(attn.q_proj(tokens), h)  # (B, h, T, d)
-    _, _, t, d = q.shape
-    c = image.shape[-1]
-    scale = 1.0 / math.sqrt(d)
+    scale = 1.0 / math.sqrt(q.shape[-1])
     if shared:
         k = _heads(attn.k_proj(image_with_pe), h)  # (1, h, N, d), once per batch
         v = _heads(attn.v_proj(image), h)
         out = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1) @ v
     else:
-        qk = (q @ _per_head_weight(attn.k_proj, h)).reshape(-1, h * t, c)  # key bias cancels
-        if pe is None:
-            scores = qk @ image_with_pe.transpose(1, 2)  # (B, hT, N)
-        else:
-            scores = qk @ image.transpose(1, 2) + qk @ pe.t()
+        b, _, t, _ = q.shape
+        qk = q @ _per_head_weight(attn.k_proj, h)  # (B, h, T, C); the key bias cancels
+        scores = qk.reshape(b, h * t, -1) @ image_with_pe.transpose(1, 2)  # (B, hT, N)
         mixed = torch.softmax(scores * scale, dim=-1) @ image  # (B, hT, C)
         wv = _per_head_weight(attn.v_proj, h).transpose(1, 2)  # (h, C, d)
-        out = mixed.reshape(-1, h, t, c) @ wv + attn.v_proj.bias.reshape(h, 1, d)
-    return attn.out_proj(out.transpose(1, 2).reshape(-1, t, h * d))
+        out = mixed.reshape(b, h, t, -1) @ wv + attn.v_proj.bias.reshape(h, 1, -1)
+    b, _, t, _ = out.shape
+    return attn.out_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
 def _image_to_token(attn, image_q: torch.Tensor, tokens_k: torch.Tensor,
@@ -143,21 +130,15 @@ class BatchedDecoder(nn.Module):
     def forward(self, image_embeddings, point_coords, point_labels, pred_iou_thresh):
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dec = self.mask_decoder
-        queries, tokens, keys = _layers(dec, image_embeddings + no_mask, self.image_pe,
-                                        self._embed_points(point_coords, point_labels),
-                                        shared_first=True)
-        # the last attention in two: the IoU token for every prompt, the mask tokens for the
-        # prompts kept; pe scored apart, not added to every prompt's image tokens
-        pe = self.image_pe[0]
-        iou = dec.iou_prediction_head(_final_attention(dec, queries[:, :1], tokens[:, :1],
-                                                       keys, pe=pe)[:, 0])
+        out, keys = two_way_transformer(
+            dec, image_embeddings + no_mask, self.image_pe,
+            self._embed_points(point_coords, point_labels), shared_first=True)
+        iou = dec.iou_prediction_head(out[:, 0])
         # "not all at or below" rather than "any above": a NaN score keeps its prompt
         kept = torch.nonzero(~(iou <= pred_iou_thresh).all(dim=1)).reshape(-1)
-        outputs = 1 + dec.num_mask_tokens
-        keys = keys.index_select(0, kept)
-        mask_tokens = _final_attention(dec, queries.index_select(0, kept)[:, 1:outputs],
-                                       tokens.index_select(0, kept)[:, 1:outputs], keys, pe=pe)
-        return _upscale_masks(dec, keys, _hypernetworks(dec, mask_tokens)), iou, kept
+        masks = _upscale_masks(dec, keys.index_select(0, kept),
+                               _hypernetworks(dec, out.index_select(0, kept)[:, 1:]))
+        return masks, iou, kept
 
 
 def image_pe(sam) -> torch.Tensor:
@@ -177,28 +158,9 @@ def predict_masks(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,
 
 
 def two_way_transformer(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor,
-                        sparse: torch.Tensor):
+                        sparse: torch.Tensor, shared_first: bool = False):
     """The decoder's transformer, reassociated: the IoU and mask tokens (B, 5, C) and the
-    image tokens (B, 4096, C) after it."""
-    queries, tokens, keys = _layers(mask_decoder, image, image_pe, sparse)
-    # the last attention only for the tokens read after it (each attends on its own)
-    outputs = 1 + mask_decoder.num_mask_tokens
-    return _final_attention(mask_decoder, queries[:, :outputs], tokens[:, :outputs], keys,
-                            keys_pe=keys + image_pe), keys
-
-
-def _final_attention(mask_decoder, queries: torch.Tensor, tokens: torch.Tensor,
-                     keys: torch.Tensor, keys_pe: Optional[torch.Tensor] = None,
-                     pe: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """The transformer's last token-to-image attention and norm for the given tokens."""
-    transformer = mask_decoder.transformer
-    return transformer.norm_final_attn(queries + _token_to_image(
-        transformer.final_attn_token_to_image, queries + tokens, keys, keys_pe, False, pe))
-
-
-def _layers(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor, sparse: torch.Tensor,
-            shared_first: bool = False):
-    """The two-way layers: (queries, prompt tokens, image tokens) before the last attention.
+    image tokens (B, 4096, C) after it.
 
     ``shared_first``: project the first layer's image tokens once for all B prompts (worth it
     for many prompts; for one, the reassociated form does fewer FLOPs)."""
@@ -225,7 +187,13 @@ def _layers(mask_decoder, image: torch.Tensor, image_pe: torch.Tensor, sparse: t
         queries = layer.norm3(queries + layer.mlp(queries))
         keys = layer.norm4(keys + _image_to_token(
             layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, shared))
-    return queries, tokens, keys
+    # the last attention only for the tokens read after it (each attends on its own)
+    outputs = 1 + dec.num_mask_tokens
+    queries, tokens = queries[:, :outputs], tokens[:, :outputs]
+    queries = transformer.norm_final_attn(queries + _token_to_image(
+        transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe,
+        shared=shared_first and len(transformer.layers) == 0))
+    return queries, keys
 
 
 def _hypernetworks(mask_decoder, mask_tokens: torch.Tensor) -> torch.Tensor:
