@@ -114,9 +114,9 @@ def openvino_unavailable_reason() -> Optional[str]:
     if packages.get("imported") == "onnxruntime-openvino":
         return None
     if "onnxruntime-openvino" in packages:
-        return (f"onnxruntime-openvino is installed but {packages.get('imported', 'another')} "
-                "onnxruntime shadows it: uninstall every onnxruntime package, then pip install "
-                "'sam-onnx[openvino]'")
+        return (f"onnxruntime-openvino is installed but "
+                f"{packages.get('imported', 'another onnxruntime build')} shadows it: uninstall "
+                "every onnxruntime package, then pip install 'sam-onnx[openvino]'")
     return ("OpenVINO needs its own onnxruntime build: pip uninstall onnxruntime "
             "onnxruntime-gpu, then pip install 'sam-onnx[openvino]'")
 

@@ -101,6 +101,15 @@ def test_openvino_without_its_onnxruntime_build_falls_back_naming_the_package(de
         sessions.create(decoder, SessionConfig(providers=("openvino",), strict=True))
 
 
+def test_a_shadowed_openvino_build_is_named(monkeypatch):
+    """Both builds installed, the other one imported: the reason says which shadows which."""
+    monkeypatch.setattr(sessions, "installed_packages", lambda: {
+        "onnxruntime": "1.32.0", "onnxruntime-openvino": "1.24.1", "imported": "onnxruntime"})
+    reason = sessions.unavailable_reason(sessions.OPENVINO)
+    assert "onnxruntime-openvino is installed but onnxruntime shadows it" in reason
+    assert "uninstall every onnxruntime package" in reason
+
+
 @pytest.mark.heavy
 def test_with_onnxruntime_openvino_the_graphs_run_on_openvino(tiny_export, tmp_path):
     """The real onnxruntime-openvino package, shadowing the installed build: OpenVINO runs
