@@ -43,7 +43,8 @@ def library_versions() -> Dict[str, str]:
     (the others are shadowed and never run)."""
     from importlib.metadata import PackageNotFoundError, version
 
-    from .sessions import installed_packages, ort
+    from ._ort import onnxruntime as ort
+    from .sessions import installed_packages
 
     out = {}
     for dist in ("sam-onnx", "torch", "onnx", "onnxscript", "segment-anything"):

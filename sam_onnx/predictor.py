@@ -58,11 +58,13 @@ def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContr
     read = [name for name in contract.output_names if name in READ_OUTPUTS]
     if len(read) == len(contract.output_names) and not bound:
         return path
-    try:
-        model = onnx.load(str(path))  # with its weights: a decoder is ~20 MB
-    except (OSError, onnx.checker.ValidationError) as exc:
-        raise SamOnnxError(f"cannot read the weights of {path} ({exc}); keep the files the "
-                           "exporter wrote together") from None
+    model = graph  # its weights are inside it, unless they live in a .data file beside it
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
+        try:
+            model = onnx.load(str(path))  # with its weights: a decoder is ~20 MB
+        except (OSError, onnx.checker.ValidationError) as exc:
+            raise SamOnnxError(f"cannot read the weights of {path} ({exc}); keep the files "
+                               "the exporter wrote together") from None
     return repair_passes.bind_inputs(repair_passes.keep_outputs(model, read),
                                      bound).SerializeToString()
 

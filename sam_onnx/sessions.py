@@ -204,10 +204,10 @@ def create(model: Union[os.PathLike, str, bytes],
     requested = [provider_name(p) for p in config.providers]
     if CPU not in requested:
         requested.append(CPU)
-    available = ort.get_available_providers()
+    runnable = [p for p in requested if p in ort.get_available_providers()] or [CPU]
     ort.set_default_logger_severity(3)  # ONNX Runtime's own fallback log: said once below
     options = _options(config)
-    cached = None if in_memory else _cached_model(Path(model), config, requested)
+    cached = None if in_memory else _cached_model(Path(model), config, runnable)
     if cached is not None and cached.exists():
         source = str(cached)  # already optimized: skip the optimizer on this start
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -220,8 +220,8 @@ def create(model: Union[os.PathLike, str, bytes],
                 "session.optimized_model_external_initializers_file_name", cached.name + ".data")
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    inner = ort.InferenceSession(source, options, providers=[
-        (p, _provider_options(p, config)) for p in requested if p in available] or [CPU])
+    inner = ort.InferenceSession(source, options,
+                                 providers=[(p, _provider_options(p, config)) for p in runnable])
     active = inner.get_providers()
     session = Session(inner, requested, active, input_names=[i.name for i in inner.get_inputs()],
                       output_names=[o.name for o in inner.get_outputs()])
@@ -255,11 +255,10 @@ def _provider_options(provider: str, config: SessionConfig) -> dict:
 
 
 def _cached_model(path: Path, config: SessionConfig, providers: List[str]) -> Optional[Path]:
-    """Where the optimized graph for this model, ONNX Runtime version and providers is kept;
-    None under OpenVINO, which caches its compiled model itself (ONNX Runtime cannot save a
-    graph an execution provider compiled)."""
-    if config.cache_dir is None or (OPENVINO in providers and
-                                    OPENVINO in ort.get_available_providers()):
+    """Where the optimized graph for this model, ONNX Runtime version and the providers that
+    run it is kept; None under OpenVINO, which caches its compiled model itself (ONNX Runtime
+    cannot save a graph an execution provider compiled)."""
+    if config.cache_dir is None or OPENVINO in providers:
         return None
     import hashlib
 
