@@ -2,42 +2,40 @@
 Runtime, and prove parity and speed against PyTorch.
 
 Importing the package needs only ONNX Runtime; torch is imported by the functions that
-export or compare against PyTorch, never by the runtime.
+export or compare against PyTorch, never by the runtime. The public names below are loaded
+when first used, so ``import sam_onnx`` stays cheap.
 """
-from . import _ort  # noqa: F401  (fails early, naming the extra to install)
-from .contracts import CONTRACTS, DECODER_CONTRACTS, ENCODER, GraphContract, TensorSpec
-from .errors import CheckpointError, ParityError, SamOnnxError
+import importlib
+
+from . import backend  # noqa: F401  (fails early, naming the extra to install)
+from .core.contracts import GraphContract, Postprocess, Preprocess, TensorSpec, Tolerance
+from .core.errors import CheckpointError, ParityError, SamOnnxError
+from .families import CONTRACTS, DECODER_CONTRACTS, FAMILIES, MODEL_NAMES, Family
+from .families.sam.contracts import ENCODER
 
 __version__ = "0.1.0"
-__all__ = ["CONTRACTS", "DECODER_CONTRACTS", "ENCODER", "GraphContract", "TensorSpec",
-           "SamOnnxError", "CheckpointError", "ParityError", "export", "validate",
-           "validate_pair", "Report", "repair", "SamOnnxPredictor",
-           "SamOnnxAutomaticMaskGenerator", "check"]
+
+#: Public name -> the module that defines it.
+_LAZY = {
+    "export": "exporter.run",
+    "ExportResult": "exporter.run",
+    "validate": "tools.validate",
+    "validate_pair": "graph.validate",
+    "Report": "graph.findings",
+    "repair": "tools.repair",
+    "check": "tools.check",
+    "SamOnnxPredictor": "runtime.predictor",
+    "SamOnnxAutomaticMaskGenerator": "runtime.automatic",
+    "SessionConfig": "runtime.sessions",
+    "ProviderFallbackWarning": "runtime.sessions",
+}
+
+__all__ = ["CONTRACTS", "DECODER_CONTRACTS", "ENCODER", "FAMILIES", "MODEL_NAMES", "Family",
+           "GraphContract", "TensorSpec", "Tolerance", "Preprocess", "Postprocess",
+           "SamOnnxError", "CheckpointError", "ParityError", *_LAZY]
 
 
 def __getattr__(name):
-    if name == "export":
-        from .exporter import export
-
-        return export
-    if name in ("validate", "validate_pair", "Report"):
-        from . import validator
-
-        return getattr(validator, name)
-    if name == "repair":
-        from .repairer import repair
-
-        return repair
-    if name == "SamOnnxPredictor":
-        from .predictor import SamOnnxPredictor
-
-        return SamOnnxPredictor
-    if name == "SamOnnxAutomaticMaskGenerator":
-        from .automatic import SamOnnxAutomaticMaskGenerator
-
-        return SamOnnxAutomaticMaskGenerator
-    if name == "check":
-        from .check import check
-
-        return check
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
     raise AttributeError(f"module 'sam_onnx' has no attribute {name!r}")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from .checkpoints import MODEL_TYPES
-from .contracts import DECODER_CONTRACTS
-from .errors import SamOnnxError
+from .core import logs
+from .core.errors import SamOnnxError
+from .families import DECODER_CONTRACTS, MODEL_NAMES
 
 
 def _expected_errors(fn):
@@ -36,12 +36,7 @@ def _expected_errors(fn):
 @click.option("-v", "--verbose", is_flag=True, help="Also show the exporters' own messages.")
 def main(verbose: bool) -> None:
     """Export Segment Anything to ONNX, validate and repair graphs, run and compare them."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    logger = logging.getLogger("sam_onnx")
-    logger.handlers[:] = [handler]
-    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
-    logger.propagate = False
+    logs.setup(logging.DEBUG if verbose else logging.INFO)
     warnings.showwarning = _one_line_warning
 
 
@@ -49,13 +44,59 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     click.echo(f"warning: {message}", err=True)
 
 
+def _options(*decorators):
+    """Several click options as one decorator: an option group shared by commands."""
+    def apply(fn):
+        for decorator in reversed(decorators):
+            fn = decorator(fn)
+        return fn
+    return apply
+
+
+def _model_option(**kw):
+    return click.option("--model", "model_type", type=click.Choice(MODEL_NAMES),
+                        help="Model name (tiny: a small SAM for tests).", **kw)
+
+
+#: Where the weights come from: export, check and bench.
+_weights_options = _options(
+    click.option("--checkpoint", type=click.Path(path_type=Path),
+                 help="Local checkpoint; by default the official one is downloaded and cached."),
+    click.option("--random-weights", is_flag=True,
+                 help="No checkpoint: seeded random weights, for trying the tool and tests."))
+
+#: Which graphs to compare with PyTorch: check and bench.
+_compared_graphs_options = _options(
+    click.option("--encoder", type=click.Path(path_type=Path)),
+    click.option("--decoder", type=click.Path(path_type=Path)),
+    click.option("--export-to", type=click.Path(path_type=Path),
+                 help="Export the graphs to this folder first, then use them."))
+
+#: The graphs the runtime commands run: predict and segment.
+_runtime_options = _options(
+    click.option("--encoder", type=click.Path(path_type=Path), required=True),
+    click.option("--decoder", type=click.Path(path_type=Path), required=True),
+    click.option("--providers", default="cuda,cpu", show_default=True,
+                 help="ONNX Runtime providers, in order of preference."))
+
+
+def _providers(text: str) -> tuple:
+    return tuple(text.split(","))
+
+
+def _require_graphs(encoder, decoder, export_to) -> None:
+    """check and bench: graphs to compare, or a folder to export them to (usage: exit 2)."""
+    from .tools.check import require_graphs
+
+    try:
+        require_graphs(encoder, decoder, export_to)
+    except SamOnnxError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
 @main.command()
-@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES), default="vit_h",
-              show_default=True, help="SAM model type (tiny: a small test model).")
-@click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="Local .pth checkpoint; by default the official one is downloaded and cached.")
-@click.option("--random-weights", is_flag=True,
-              help="No checkpoint: random weights, for trying the tool and tests.")
+@_model_option(default="vit_h", show_default=True)
+@_weights_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("exported"),
               show_default=True, help="Output folder.")
 @click.option("--decoder-contract", type=click.Choice(DECODER_CONTRACTS), default="official",
@@ -70,7 +111,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 @_expected_errors
 def export(**options) -> None:
     """Export SAM's encoder and decoder, check them against PyTorch, write a manifest."""
-    from .exporter import export as run_export
+    from .exporter.run import export as run_export
 
     result = run_export(**options)
     for g in result.graphs:
@@ -95,8 +136,10 @@ def validate(models, feed, run_, fmt) -> None:
     Exit code 0: no errors; 1: errors; 2: a file could not be read or bad arguments.
     With an encoder and a decoder, also check that one's output fits the other.
     """
-    from . import feeds, validator
-    from .findings import Report
+    from .graph import feeds
+    from .graph import validate as validator
+    from .graph.findings import Report
+    from .tools.validate import validate as run_validate
 
     if feed is not None:
         try:
@@ -105,7 +148,7 @@ def validate(models, feed, run_, fmt) -> None:
             raise click.BadParameter(str(exc), param_hint="--feed") from None
     report, protos = Report(), []
     for model in models:
-        one = validator.validate(model, feed=feed, run=run_)
+        one = run_validate(model, feed=feed, run=run_)
         report.extend(one)
         if not set(one.codes()) & validator.UNREADABLE:
             import onnx
@@ -153,7 +196,7 @@ def _pairs(ctx, param, values):
 def repair(model, output, in_place, rename, auto, feed, **fixes) -> None:
     """Rewrite MODEL with named passes, validate and run the result, and compare it with the
     original where the passes keep the function."""
-    from .repairer import repair as run_repair
+    from .tools.repair import repair as run_repair
 
     if auto and not feed:
         raise click.UsageError("--auto needs --feed CONTRACT (e.g. --feed official)")
@@ -170,7 +213,7 @@ def repair(model, output, in_place, rename, auto, feed, **fixes) -> None:
 @main.command()
 def doctor() -> None:
     """Print packages, available vs working providers (and why), CPU features, threads."""
-    from .doctor import report
+    from .tools.doctor import report
 
     click.echo(report())
 
@@ -188,8 +231,7 @@ def _floats(text: str, n: tuple, what: str):
 
 @main.command()
 @click.argument("image", type=click.Path(path_type=Path))
-@click.option("--encoder", type=click.Path(path_type=Path), required=True)
-@click.option("--decoder", type=click.Path(path_type=Path), required=True)
+@_runtime_options
 @click.option("--point", "points", multiple=True, help="X,Y[,LABEL] in image pixels; LABEL "
               "1 foreground (default), 0 background. Repeatable.")
 @click.option("--box", help="X0,Y0,X1,Y1 in image pixels.")
@@ -198,7 +240,6 @@ def _floats(text: str, n: tuple, what: str):
 @click.option("--overlay", type=click.Path(path_type=Path), help="The image with the mask and "
               "prompts drawn on it.")
 @click.option("--json", "as_json", is_flag=True, help="Print scores, areas and boxes as JSON.")
-@click.option("--providers", default="cuda,cpu", show_default=True)
 @_expected_errors
 def predict(image, encoder, decoder, points, box, out, overlay, as_json, providers) -> None:
     """Segment IMAGE from point and/or box prompts; write the mask and an overlay."""
@@ -206,10 +247,10 @@ def predict(image, encoder, decoder, points, box, out, overlay, as_json, provide
 
     import numpy as np
 
-    from .images import load_image
-    from .predictor import SamOnnxPredictor
-    from .render import save_mask, save_overlay
-    from .sessions import SessionConfig
+    from .runtime.images import load_image
+    from .runtime.predictor import SamOnnxPredictor
+    from .runtime.render import save_mask, save_overlay
+    from .runtime.sessions import SessionConfig
 
     if not points and not box:
         raise click.UsageError("give a prompt: --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1")
@@ -217,8 +258,7 @@ def predict(image, encoder, decoder, points, box, out, overlay, as_json, provide
     coords = np.array([p[:2] for p in parsed]) if parsed else None
     labels = np.array([p[2] if len(p) == 3 else 1.0 for p in parsed]) if parsed else None
     box_arr = np.array(_floats(box, (4,), "--box")) if box else None
-    predictor = SamOnnxPredictor(encoder, decoder,
-                                 SessionConfig(providers=tuple(providers.split(","))))
+    predictor = SamOnnxPredictor(encoder, decoder, SessionConfig(providers=_providers(providers)))
     rgb = load_image(image)
     predictor.set_image(rgb)
     masks, scores, _ = predictor.predict(coords, labels, box_arr,
@@ -232,7 +272,8 @@ def predict(image, encoder, decoder, points, box, out, overlay, as_json, provide
                "masks": [{"score": float(s), "area": int(m.sum()),
                           "bbox": _bbox(m)} for m, s in zip(masks, scores)]}
     click.echo(json.dumps(summary, indent=2) if as_json else
-               f"wrote {out} (mask {best}, score {scores[best]:.3f}, area {int(masks[best].sum())} px)")
+               f"wrote {out} (mask {best}, score {scores[best]:.3f}, "
+               f"area {int(masks[best].sum())} px)")
 
 
 def _bbox(mask) -> list:
@@ -245,9 +286,7 @@ def _bbox(mask) -> list:
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--encoder", type=click.Path(path_type=Path), required=True)
-@click.option("--decoder", type=click.Path(path_type=Path), required=True,
-              help="Best a batched decoder (export --decoder-contract batched).")
+@_runtime_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Folder for IMAGE.json (COCO-style, compressed RLE) and IMAGE.png (overlay).")
 @click.option("--points-per-side", type=click.IntRange(1), default=32, show_default=True)
@@ -265,17 +304,17 @@ def _bbox(mask) -> list:
               help="Fill holes and drop islands smaller than this (needs scipy).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Processes sharing the images, each with its share of the CPU threads.")
-@click.option("--providers", default="cuda,cpu", show_default=True)
 @_expected_errors
 def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) -> None:
     """Segment everything in each image (files or folders of images): segment_anything's
-    automatic mask generator on ONNX Runtime."""
+    automatic mask generator on ONNX Runtime; best with a batched decoder (export
+    --decoder-contract batched)."""
     from tqdm import tqdm
 
-    from .segment import SegmentJob, find_images, segment_images
+    from .tools.segment import SegmentJob, find_images, segment_images
 
     images = find_images(inputs)
-    job = SegmentJob(encoder, decoder, out_dir, generator, tuple(providers.split(",")))
+    job = SegmentJob(encoder, decoder, out_dir, generator, _providers(providers))
     grid = generator["points_per_side"] ** 2
     with tqdm(total=len(images), unit="image", disable=None) as bar, \
             tqdm(total=grid, unit="prompt", leave=False, disable=None if workers == 1 else True) \
@@ -295,15 +334,9 @@ def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) 
 
 
 @main.command()
-@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES), required=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="The .pth the graphs were exported from.")
-@click.option("--random-weights", is_flag=True, help="The seeded random weights that "
-              "export --random-weights uses.")
-@click.option("--encoder", type=click.Path(path_type=Path))
-@click.option("--decoder", type=click.Path(path_type=Path))
-@click.option("--export-to", type=click.Path(path_type=Path),
-              help="Export the graphs to this folder first, then check them.")
+@_model_option(required=True)
+@_weights_options
+@_compared_graphs_options
 @click.option("--decoder-contract", type=click.Choice(DECODER_CONTRACTS), default="official",
               show_default=True, help="With --export-to: the decoder to export.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
@@ -319,29 +352,21 @@ def check(model_type, checkpoint, random_weights, encoder, decoder, export_to, d
           images, precision, providers, fmt) -> None:
     """Compare ONNX graphs with segment_anything in PyTorch: embeddings, logits, scores and
     masks per image and prompt. Exit 0 when every comparison is within tolerance, else 1."""
-    from .check import check as run_check
+    from .tools.check import check as run_check
 
-    if export_to is None and (encoder is None or decoder is None):
-        raise click.UsageError("give --encoder and --decoder, or --export-to DIR")
-    if export_to is not None and (encoder or decoder):
-        raise click.UsageError("give either --encoder/--decoder or --export-to, not both")
+    _require_graphs(encoder, decoder, export_to)
     report = run_check(model_type, checkpoint, random_weights=random_weights, encoder=encoder,
                        decoder=decoder, export_to=export_to, decoder_contract=decoder_contract,
-                       images=images, precision=precision, providers=tuple(providers.split(",")))
+                       images=images, precision=precision, providers=_providers(providers))
     click.echo(report.render(fmt))
     if not report.passed:
         sys.exit(1)
 
 
 @main.command()
-@click.option("--model", "model_type", type=click.Choice(MODEL_TYPES), required=True)
-@click.option("--checkpoint", type=click.Path(path_type=Path))
-@click.option("--random-weights", is_flag=True)
-@click.option("--encoder", type=click.Path(path_type=Path))
-@click.option("--decoder", type=click.Path(path_type=Path),
-              help="A batched decoder makes the automatic-mask row fast.")
-@click.option("--export-to", type=click.Path(path_type=Path),
-              help="Export the graphs (encoder and batched decoder) here first.")
+@_model_option(required=True)
+@_weights_options
+@_compared_graphs_options
 @click.option("--image", type=click.Path(path_type=Path),
               help="By default a synthetic image of --size.")
 @click.option("--size", default="1024x1024", show_default=True,
@@ -362,13 +387,12 @@ def check(model_type, checkpoint, random_weights, encoder, decoder, export_to, d
 def bench(model_type, checkpoint, random_weights, encoder, decoder, export_to, image, size,
           providers, repeat, automatic, points_per_side, markdown, json_path, plot) -> None:
     """PyTorch and ONNX Runtime side by side: start-up, encoder, one prompt, automatic masks,
-    peak RSS; medians of repeated runs, each pipeline in a fresh process."""
-    from .bench import BenchConfig, bench as run_bench, write_outputs
+    peak RSS; medians of repeated runs, each pipeline in a fresh process. A batched decoder
+    (what --export-to writes) makes the automatic-mask row fast."""
+    from .tools.bench import BenchConfig, write_outputs
+    from .tools.bench import bench as run_bench
 
-    if export_to is None and (encoder is None or decoder is None):
-        raise click.UsageError("give --encoder and --decoder, or --export-to DIR")
-    if export_to is not None and (encoder or decoder):
-        raise click.UsageError("give either --encoder/--decoder or --export-to, not both")
+    _require_graphs(encoder, decoder, export_to)
     hw = _floats(size.replace("x", ","), (2,), "--size")
     if plot:
         try:
@@ -376,7 +400,7 @@ def bench(model_type, checkpoint, random_weights, encoder, decoder, export_to, i
         except ImportError:
             raise SamOnnxError("--plot needs matplotlib: pip install 'sam-onnx[plot]'") from None
     if export_to is not None:
-        from .exporter import export
+        from .exporter.run import export
 
         result = export(model_type, checkpoint, random_weights=random_weights, out_dir=export_to,
                         decoder_contract="batched")
@@ -384,7 +408,7 @@ def bench(model_type, checkpoint, random_weights, encoder, decoder, export_to, i
     cfg = BenchConfig(model_type, checkpoint, random_weights, encoder, decoder, image,
                       (int(hw[0]), int(hw[1])), repeat, automatic=automatic,
                       points_per_side=points_per_side)
-    report = run_bench(cfg, tuple(providers.split(",")), log=lambda m: click.echo(m, err=True))
+    report = run_bench(cfg, _providers(providers), log=lambda m: click.echo(m, err=True))
     click.echo(report.markdown())
     for path in write_outputs(report, markdown, json_path, plot):
         click.echo(f"wrote {path}", err=True)

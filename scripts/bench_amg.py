@@ -35,7 +35,7 @@ def synthetic(size: int = 512) -> np.ndarray:
 
 
 def load(image: str) -> np.ndarray:
-    from sam_onnx.images import load_image
+    from sam_onnx.runtime.images import load_image
 
     return synthetic() if image == "synthetic512" else load_image(image)
 
@@ -46,21 +46,21 @@ def child(args) -> None:
         print(json.dumps({"pred_iou_thresh": half_the_prompts(args.image, args.encoder,
                                                               args.decoder)}))
         return
-    from sam_onnx.stages import peak_rss_gib
+    from sam_onnx.core.stages import peak_rss_gib
 
     start = time.perf_counter()
     settings = json.loads(args.settings)
     if args.pipeline == "torch":
         from segment_anything import SamAutomaticMaskGenerator
 
-        from sam_onnx.checkpoints import build_sam, load_state_dict
+        from sam_onnx.exporter.checkpoints import build, load_state_dict
 
-        sam = build_sam(args.model, load_state_dict(Path(args.checkpoint)))
+        sam = build(args.model, load_state_dict(Path(args.checkpoint)))
         gen = SamAutomaticMaskGenerator(sam, output_mode="uncompressed_rle", **settings)
     else:
-        from sam_onnx.automatic import SamOnnxAutomaticMaskGenerator
-        from sam_onnx.predictor import SamOnnxPredictor
-        from sam_onnx.sessions import SessionConfig
+        from sam_onnx.runtime.automatic import SamOnnxAutomaticMaskGenerator
+        from sam_onnx.runtime.predictor import SamOnnxPredictor
+        from sam_onnx.runtime.sessions import SessionConfig
 
         predictor = SamOnnxPredictor(args.encoder, args.decoder, SessionConfig(providers=("cpu",)))
         gen = SamOnnxAutomaticMaskGenerator(predictor, output_mode="uncompressed_rle", **settings)
@@ -100,9 +100,9 @@ def half_the_prompts(image: str, encoder: Path, decoder: Path) -> float:
     """A pred_iou_thresh that half the grid's prompts pass (their best multimask score is
     above it), so the decoder upscales half of them: random weights pass none at 0.88.
     In a child of its own, so the parent stays small."""
-    from sam_onnx.amg import build_point_grid
-    from sam_onnx.predictor import SamOnnxPredictor
-    from sam_onnx.sessions import SessionConfig
+    from sam_onnx.runtime.amg import build_point_grid
+    from sam_onnx.runtime.predictor import SamOnnxPredictor
+    from sam_onnx.runtime.sessions import SessionConfig
 
     predictor = SamOnnxPredictor(encoder, decoder, SessionConfig(providers=("cpu",)))
     img = load(image)
@@ -113,8 +113,8 @@ def half_the_prompts(image: str, encoder: Path, decoder: Path) -> float:
 
 
 def parity(reference: Path, records: Path):
-    from sam_onnx import amg
-    from sam_onnx.parity import compare_records
+    from sam_onnx.core.parity import compare_records
+    from sam_onnx.runtime import amg
 
     def masks(path):
         recs = json.loads(path.read_text())
@@ -128,11 +128,25 @@ def parity(reference: Path, records: Path):
 def _current(decoder: Path) -> bool:
     """Whether a decoder exported by an earlier run still follows the batched contract."""
     import onnx
-    from sam_onnx.contracts import DECODER_BATCHED
-    from sam_onnx.signature import mismatches
+
+    from sam_onnx.families.sam.contracts import DECODER_BATCHED
+    from sam_onnx.graph.signature import mismatches
 
     return decoder.exists() and not mismatches(onnx.load(str(decoder), load_external_data=False),
                                                DECODER_BATCHED)
+
+
+def _plans(args, tmp: Path, encoder: Path, decoder: Path):
+    """(image, setting name, generator settings, PyTorch runs, ONNX runs) to measure."""
+    plans = [(image, "defaults", {}, args.torch_repeat, args.repeat) for image in args.image]
+    if args.keeping:
+        plans.append((args.image[-1], "masks kept", KEEPING, 1, 1))
+    if args.split:
+        thresh = run_child("threshold", args.image[-1], {}, args, tmp / "unused",
+                           encoder=encoder, decoder=decoder)["pred_iou_thresh"]
+        plans.append((args.image[-1], "half the prompts' masks",
+                      {**KEEPING, "pred_iou_thresh": thresh}, 1, 1))
+    return plans
 
 
 def main() -> None:
@@ -177,15 +191,8 @@ def main() -> None:
     results = {"model": args.model, "weights": "random (segment_anything builders, saved .pth)",
                "runs": []}
     tmp = Path(tempfile.mkdtemp())
-    plans = [(image, "defaults", {}, args.torch_repeat, args.repeat) for image in args.image]
-    if args.keeping:
-        plans.append((args.image[-1], "masks kept", KEEPING, 1, 1))
-    if args.split:
-        thresh = run_child("threshold", args.image[-1], {}, args, tmp / "unused",
-                           encoder=enc, decoder=out / f"{name}.onnx")["pred_iou_thresh"]
-        plans.append((args.image[-1], "half the prompts' masks",
-                      {**KEEPING, "pred_iou_thresh": thresh}, 1, 1))
-    for image, setting_name, settings, torch_repeat, repeat in plans:
+    for image, setting_name, settings, torch_repeat, repeat in _plans(args, tmp, enc,
+                                                                      out / f"{name}.onnx"):
         rows = {k: [] for k in ["torch", *variants]}
         gates = {}
         for i in range(max(torch_repeat, repeat)):
@@ -208,7 +215,8 @@ def main() -> None:
             summary[label]["runs"] = len(runs)
             summary[label]["total_s_all"] = [round(r["total_s"], 2) for r in runs]
         for label in variants:
-            summary[label]["speedup_end_to_end"] = summary["torch"]["total_s"] / summary[label]["total_s"]
+            summary[label]["speedup_end_to_end"] = (summary["torch"]["total_s"]
+                                                    / summary[label]["total_s"])
             summary[label]["speedup_after_encoder"] = (summary["torch"]["after_encoder_s"]
                                                        / summary[label]["after_encoder_s"])
             summary[label]["records_parity"] = gates[label]

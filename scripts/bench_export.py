@@ -23,8 +23,8 @@ def random_checkpoint(model_type: str, folder: Path) -> Path:
     path = folder / f"random_{model_type}.pth"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        code = ("import torch,sys; from sam_onnx.checkpoints import build_sam; "
-                "torch.save(build_sam(sys.argv[1]).state_dict(), sys.argv[2])")
+        code = ("import torch,sys; from sam_onnx.exporter.checkpoints import build; "
+                "torch.save(build(sys.argv[1]).state_dict(), sys.argv[2])")
         subprocess.run([sys.executable, "-c", code, model_type, str(path)], check=True)
     return path
 
@@ -71,7 +71,8 @@ def main() -> None:
             "runs": runs,
             "median_wall_s": statistics.median(r["wall_s"] for r in runs),
             "median_graph_writing_s": statistics.median(
-                r["stages_s"][enc_stage] + r["stages_s"]["export decoder (official)"] for r in runs),
+                r["stages_s"][enc_stage] + r["stages_s"]["export decoder (official)"]
+                for r in runs),
             "median_peak_rss_bytes": statistics.median(r["peak_rss_bytes"] for r in runs),
         }
         row["peak_rss_over_weights"] = row["median_peak_rss_bytes"] / weight_bytes

@@ -18,7 +18,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from sam_onnx.bench import BenchConfig, bench
+from sam_onnx.tools.bench import BenchConfig, bench
 
 MODELS = ("vit_b", "vit_l", "vit_h")
 SIZES = ((512, 512), (1024, 1024), (1200, 1800))
@@ -94,7 +94,8 @@ def main() -> None:
         text = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: section, text,
                       flags=re.S)
     else:
-        text += "\n## PyTorch vs ONNX by model and image size (`sam-onnx bench`)\n\n" + section + "\n"
+        text += ("\n## PyTorch vs ONNX by model and image size (`sam-onnx bench`)\n\n"
+                 + section + "\n")
     args.docs.write_text(text)
 
 

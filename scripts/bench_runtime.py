@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sam_onnx.bench import timed
+from sam_onnx.tools.bench import timed
 
 
 def median_time(fn, repeat: int, warmup: int = 1) -> list:
@@ -43,15 +43,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    import sam_onnx
     from segment_anything import SamPredictor
     from torch.utils.flop_counter import FlopCounterMode
 
-    from sam_onnx import transforms
-    from sam_onnx.checkpoints import build_sam, load_state_dict
-    from sam_onnx.images import load_image
-    from sam_onnx.predictor import SamOnnxPredictor
-    from sam_onnx.sessions import SessionConfig, create
+    import sam_onnx
+    from sam_onnx.exporter.checkpoints import build, load_state_dict
+    from sam_onnx.runtime import transforms
+    from sam_onnx.runtime.images import load_image
+    from sam_onnx.runtime.predictor import SamOnnxPredictor
+    from sam_onnx.runtime.sessions import SessionConfig, create
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_export import random_checkpoint
@@ -61,9 +61,9 @@ def main() -> None:
     out = args.work / f"runtime-{args.model}"
     if not (out / f"{args.model}_encoder.onnx").exists():
         sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out)
-    sam = build_sam(args.model, load_state_dict(ckpt))
+    sam = build(args.model, load_state_dict(ckpt))
     image = load_image(args.image)
-    x, _ = transforms.image_to_input(image)
+    x, _ = transforms.image_to_input(image, sam_onnx.families.family_of(args.model).preprocess)
 
     rate = gemm_rate()
     with FlopCounterMode(display=False) as counter, torch.inference_mode():

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sam_onnx.checkpoints import build_sam
+from sam_onnx.exporter.checkpoints import build
 
 
 def run_cli(*args, env=None, timeout=900):
@@ -20,7 +20,7 @@ def run_cli(*args, env=None, timeout=900):
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """Random weights of the tiny SAM, saved as a real checkpoint file."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    torch.save(build_sam("tiny", seed=1).state_dict(), path)
+    torch.save(build("tiny", seed=1).state_dict(), path)
     return path
 
 

@@ -8,19 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from PIL import Image
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor
 from segment_anything.utils import amg as sa_amg
 from torchvision.ops import nms as tv_nms
 
-from sam_onnx import amg
-from sam_onnx.automatic import SamOnnxAutomaticMaskGenerator
-from sam_onnx.checkpoints import build_sam, load_state_dict
-from sam_onnx.errors import SamOnnxError
-from sam_onnx.parity import compare_records
-from sam_onnx.predictor import SamOnnxPredictor
-
-from conftest import run_cli
+from sam_onnx.core.errors import SamOnnxError
+from sam_onnx.core.parity import compare_records
+from sam_onnx.exporter.checkpoints import build, load_state_dict
+from sam_onnx.runtime import amg
+from sam_onnx.runtime.automatic import SamOnnxAutomaticMaskGenerator
+from sam_onnx.runtime.images import synthetic
+from sam_onnx.runtime.predictor import SamOnnxPredictor
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 #: Thresholds that keep masks from random weights: their masks cover most of the image, so
@@ -31,7 +31,7 @@ KEEPING = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1
 @pytest.fixture(scope="module")
 def models(tiny_export, tiny_checkpoint, tiny_batched):
     out, _ = tiny_export
-    sam = build_sam("tiny", load_state_dict(tiny_checkpoint))
+    sam = build("tiny", load_state_dict(tiny_checkpoint))
     return {"encoder": out / "tiny_encoder.onnx", "batched": tiny_batched,
             "official": out / "tiny_decoder_official.onnx", "sam": sam}
 
@@ -42,10 +42,7 @@ def predictor(models):
 
 
 def _synthetic(h=256, w=384):
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([x * 255 // w, y * 255 // h, (x * y) % 256], -1).astype(np.uint8)
-    img[h // 4: h // 2, w // 5: w // 2] = [240, 30, 30]
-    return img
+    return synthetic(h, w)
 
 
 def _images():
@@ -276,7 +273,7 @@ import sys
 for name in ("torch", "torchvision", "segment_anything"):
     sys.modules[name] = None
 import numpy as np
-from sam_onnx.automatic import SamOnnxAutomaticMaskGenerator
+from sam_onnx.runtime.automatic import SamOnnxAutomaticMaskGenerator
 gen = SamOnnxAutomaticMaskGenerator(({str(models['encoder'])!r}, {str(models['batched'])!r}),
                                     points_per_side=3, pred_iou_thresh=0, stability_score_thresh=0)
 records = gen.generate(np.full((90, 120, 3), 100, np.uint8))

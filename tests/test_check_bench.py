@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_cli
 from onnx import numpy_helper
 from PIL import Image
-
-from conftest import run_cli
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +161,8 @@ def test_check_reads_the_contract_of_a_graph_without_sam_onnx_metadata(graphs, t
 
 
 def test_the_parity_gate_holds_masks_to_their_overlap():
-    from sam_onnx.contracts import DECODER_OFFICIAL
-    from sam_onnx.parity import compare
+    from sam_onnx.core.parity import compare
+    from sam_onnx.families.sam.contracts import DECODER_OFFICIAL
 
     tol = DECODER_OFFICIAL.tolerances["int8"]
     ref = {"low_res_masks": np.linspace(-1, 1, 1000).reshape(1, 1, 10, 100)}

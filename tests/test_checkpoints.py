@@ -4,30 +4,32 @@ import threading
 import pytest
 import torch
 
-from sam_onnx import checkpoints
-from sam_onnx.checkpoints import (MODEL_TYPES, build_sam, identify, load_state_dict,
-                                  load_weights, official_checkpoint)
-from sam_onnx.errors import CheckpointError
+from sam_onnx.core.errors import CheckpointError
+from sam_onnx.exporter.checkpoints import build, load_state_dict, load_weights, official_checkpoint
+from sam_onnx.families.sam import MODEL_SPECS, identify
+from sam_onnx.families.sam.modeling import _build
 
 
 def _shapes_only(model_type):
     """A state_dict with the real shapes but no data (meta tensors): identify reads shapes only."""
     with torch.device("meta"):
-        return checkpoints._build(model_type).state_dict()
+        return _build(model_type).state_dict()
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
+@pytest.mark.parametrize("model_type", MODEL_SPECS)
 def test_the_tensor_shapes_tell_the_model_type(model_type):
     assert identify(_shapes_only(model_type)) == model_type
 
 
 def test_a_vit_h_state_dict_refused_as_vit_b_names_what_it_is():
-    with pytest.raises(CheckpointError, match=r"the checkpoint is a vit_h checkpoint, not vit_b: pass --model vit_h"):
-        build_sam("vit_b", _shapes_only("vit_h"))
+    with pytest.raises(CheckpointError, match=r"the checkpoint is a vit_h checkpoint, "
+                                              r"not vit_b: pass --model vit_h"):
+        build("vit_b", _shapes_only("vit_h"))
 
 
 def test_a_mismatched_checkpoint_file_is_refused(tiny_checkpoint):
-    with pytest.raises(CheckpointError, match=r"is a tiny checkpoint, not vit_b: pass --model tiny"):
+    with pytest.raises(CheckpointError,
+                       match=r"is a tiny checkpoint, not vit_b: pass --model tiny"):
         load_weights("vit_b", tiny_checkpoint)
 
 

@@ -2,8 +2,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sam_onnx.contracts import CONTRACTS, DECODER_OFFICIAL, GraphContract, get_contract
-from sam_onnx.errors import SamOnnxError
+from sam_onnx.core.contracts import GraphContract
+from sam_onnx.core.errors import SamOnnxError
+from sam_onnx.families import CONTRACTS, get_contract
+from sam_onnx.families.sam.contracts import DECODER_OFFICIAL
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,15 +11,17 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import run_cli
 
 import sam_onnx
-from sam_onnx import exporter, graphs, metadata, reference
-from sam_onnx.checkpoints import build_sam
-from sam_onnx.contracts import DECODER_LOWRES, DECODER_OFFICIAL, ENCODER
-from sam_onnx.errors import ParityError, SamOnnxError
-from sam_onnx.signature import mismatches
-
-from conftest import run_cli
+from sam_onnx.core.errors import ParityError, SamOnnxError
+from sam_onnx.exporter import run as exporter
+from sam_onnx.exporter.checkpoints import build
+from sam_onnx.families.sam import modeling as graphs
+from sam_onnx.families.sam import reference
+from sam_onnx.families.sam.contracts import DECODER_LOWRES, DECODER_OFFICIAL, ENCODER
+from sam_onnx.graph import metadata
+from sam_onnx.graph.signature import mismatches
 
 
 def _final_files(folder):
@@ -57,7 +59,7 @@ def test_graphs_record_contract_and_provenance(tiny_export, tiny_checkpoint):
 def test_decoder_masks_are_right_for_an_image_size_not_used_while_exporting(tiny_export,
                                                                              tiny_checkpoint):
     out, _ = tiny_export
-    sam = build_sam("tiny", sam_onnx.checkpoints.load_state_dict(tiny_checkpoint))
+    sam = build("tiny", sam_onnx.exporter.checkpoints.load_state_dict(tiny_checkpoint))
     session = ort.InferenceSession(str(out / "tiny_decoder_official.onnx"),
                                    providers=["CPUExecutionProvider"])
     emb = reference.random_embeddings(seed=5)
@@ -87,7 +89,8 @@ def test_int8_graphs_are_checked_with_their_own_tolerance(tmp_path):
     for role in ("encoder", "decoder"):
         q = result.graph(role, "int8")
         assert q.parity.passed and q.parity.tolerance == q.contract.tolerances["int8"]
-        assert metadata.read(onnx.load(str(q.path), load_external_data=False))["precision"] == "int8"
+        record = metadata.read(onnx.load(str(q.path), load_external_data=False))
+        assert record["precision"] == "int8"
         assert q.path.stat().st_size < result.graph(role).path.stat().st_size
         ops = {n.op_type for n in onnx.load(str(q.path), load_external_data=False).graph.node}
         assert "MatMulInteger" in ops and "ConvInteger" not in ops  # convolutions stay fp32
@@ -233,7 +236,7 @@ def test_the_checking_process_never_imports_torch():
 
 
 def test_the_check_half_runs_with_torch_unimportable(tmp_path):
-    from sam_onnx.torch_export import Job, run
+    from sam_onnx.exporter.torch_half import Job, run
 
     staged = run(Job("tiny", None, True, ("encoder", "official"), tmp_path, 18, False, False))
     (tmp_path / "staged.pkl").write_bytes(pickle.dumps(staged))
@@ -241,7 +244,7 @@ def test_the_check_half_runs_with_torch_unimportable(tmp_path):
 import pickle, sys
 for name in ("torch", "torchvision", "segment_anything"):
     sys.modules[name] = None  # any import of these now raises ImportError
-from sam_onnx import exporter
+from sam_onnx.exporter import run as exporter
 staged = pickle.loads(open({str(tmp_path / "staged.pkl")!r}, "rb").read())
 graphs, _ = exporter._check_half(staged, None)
 print(" ".join(g.path.name for g in graphs if g.parity.passed))

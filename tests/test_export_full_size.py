@@ -3,8 +3,8 @@ import onnx
 import pytest
 
 import sam_onnx
-from sam_onnx import metadata
-from sam_onnx.exporter import PROTOBUF_LIMIT
+from sam_onnx.graph import metadata
+from sam_onnx.graph.io import PROTOBUF_LIMIT
 
 
 def test_vit_b_export_passes_its_checks(tmp_path):

@@ -1,15 +1,15 @@
 import pytest
 import torch
-
-from sam_onnx.checkpoints import build_sam
-from sam_onnx.graphs import chunked_attention, decoder_module
 from segment_anything.modeling import image_encoder
 from segment_anything.utils.onnx import SamOnnxModel
+
+from sam_onnx.exporter.checkpoints import build
+from sam_onnx.families.sam.modeling import chunked_attention, decoder_module
 
 
 @pytest.mark.parametrize("chunk_elements", [1, 1 << 26])  # one head a chunk; all heads
 def test_chunked_attention_matches_segment_anythings_attention(chunk_elements):
-    sam = build_sam("tiny", seed=3)
+    sam = build("tiny", seed=3)
     x = torch.randn(1, 3, 1024, 1024)
     original = image_encoder.Attention.forward
     with torch.inference_mode():
@@ -25,7 +25,7 @@ def test_chunked_attention_matches_segment_anythings_attention(chunk_elements):
 def test_rewritten_decoders_equal_segment_anythings(with_mask):
     """fast_decoder's reassociated arithmetic, behind the official and lowres contracts, gives
     what segment_anything's own SamOnnxModel gives, with and without a mask prompt."""
-    sam = build_sam("tiny", seed=5)
+    sam = build("tiny", seed=5)
     g = torch.Generator().manual_seed(1)
     embeddings = torch.randn(1, 256, 64, 64, generator=g)
     coords = torch.rand(1, 3, 2, generator=g) * 1024

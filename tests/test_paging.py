@@ -1,14 +1,14 @@
 """Paging out memory-mapped weights: resident memory goes down, the data stays."""
 import mmap
 import re
+import sys
 import threading
 import time
-import sys
 
 import numpy as np
 import pytest
 
-from sam_onnx import paging
+from sam_onnx.exporter import paging
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux madvise")
 

@@ -5,17 +5,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 from PIL import Image
 from segment_anything import SamPredictor
 
 import sam_onnx
-from sam_onnx.checkpoints import build_sam, load_state_dict
-from sam_onnx.contracts import DECODER_LOWRES, DECODER_OFFICIAL
-from sam_onnx.errors import SamOnnxError
-from sam_onnx.parity import mask_iou
-from sam_onnx.predictor import SamOnnxPredictor
-
-from conftest import run_cli
+from sam_onnx.core.errors import SamOnnxError
+from sam_onnx.core.parity import mask_iou
+from sam_onnx.exporter.checkpoints import build, load_state_dict
+from sam_onnx.families.sam.contracts import DECODER_LOWRES, DECODER_OFFICIAL
+from sam_onnx.runtime.images import synthetic
+from sam_onnx.runtime.predictor import SamOnnxPredictor
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 LOGIT_ATOL = 1e-4  # the contracts' fp32 tolerance, on logits of random weights (|x| < ~1)
@@ -27,16 +27,13 @@ def models(tiny_export, tiny_checkpoint, tmp_path_factory):
     lowres = tmp_path_factory.mktemp("lowres")
     sam_onnx.export("tiny", checkpoint=tiny_checkpoint, out_dir=lowres, encoder=False,
                     decoder_contract="lowres", isolate=False)
-    sam = build_sam("tiny", load_state_dict(tiny_checkpoint))
+    sam = build("tiny", load_state_dict(tiny_checkpoint))
     return {"encoder": out / "tiny_encoder.onnx", "official": out / "tiny_decoder_official.onnx",
             "lowres": lowres / "tiny_decoder_lowres.onnx", "torch": SamPredictor(sam)}
 
 
 def _synthetic(h=300, w=500):
-    y, x = np.mgrid[0:h, 0:w]
-    img = np.stack([x * 255 // w, y * 255 // h, (x + y) % 256], -1).astype(np.uint8)
-    img[h // 3: 2 * h // 3, w // 3: 2 * w // 3] = [250, 40, 40]
-    return img
+    return synthetic(h, w)
 
 
 def _images():
@@ -117,8 +114,8 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
     whole does."""
     import onnxruntime as ort
 
-    from sam_onnx import transforms
-    from sam_onnx.repairer import repair
+    from sam_onnx.runtime import transforms
+    from sam_onnx.tools.repair import repair
 
     outside = repair(models["official"], tmp_path / "ext.onnx", external_data=True).output
     pred = SamOnnxPredictor(models["encoder"], outside)
@@ -133,7 +130,7 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
         low, scores = whole.run(["low_res_masks", "iou_predictions"], {
             "image_embeddings": pred.features,
             "point_coords": transforms.apply_coords(box.reshape(1, 2, 2).astype(float),
-                                                    pred.original_size).astype(np.float32),
+                                                    pred.original_size, 1024).astype(np.float32),
             "point_labels": np.array([[2, 3]], np.float32),
             "mask_input": np.zeros((1, 1, 256, 256), np.float32) if mask is None else mask[None],
             "has_mask_input": np.array([mask is not None], np.float32),
@@ -200,7 +197,7 @@ import sys
 for name in ("torch", "torchvision", "segment_anything"):
     sys.modules[name] = None  # any import of these now raises ImportError
 import numpy as np
-from sam_onnx.predictor import SamOnnxPredictor
+from sam_onnx.runtime.predictor import SamOnnxPredictor
 p = SamOnnxPredictor({str(models['encoder'])!r}, {str(models['lowres'])!r})
 p.set_image(np.full((120, 200, 3), 128, np.uint8))
 masks, scores, _ = p.predict(np.array([[100, 60]]), np.array([1]))
@@ -225,8 +222,36 @@ def test_a_decoder_following_no_contract_is_refused_with_the_fix(models, tmp_pat
         SamOnnxPredictor(models["encoder"], tmp_path / "odd.onnx")
 
 
+def _relabelled(decoder: Path, model_type: str, out: Path) -> Path:
+    """The decoder as another size of the same family records it: same embeddings shape,
+    other weights (a vit_b encoder and a vit_l decoder look exactly like this)."""
+    import onnx
+
+    from sam_onnx.graph import metadata
+
+    model = onnx.load(str(decoder))
+    metadata.write(model, {**metadata.read(model), "model_type": model_type})
+    onnx.save(model, str(out))
+    return out
+
+
+def test_an_encoder_and_decoder_of_different_models_are_refused(models, tmp_path):
+    vit_b = _relabelled(models["official"], "vit_b", tmp_path / "vit_b_decoder_official.onnx")
+    with pytest.raises(SamOnnxError, match=r"is tiny but .*vit_b_decoder_official.onnx is vit_b"
+                                           r".*use the encoder and decoder of one export"):
+        SamOnnxPredictor(models["encoder"], vit_b)
+    img = tmp_path / "img.png"
+    Image.fromarray(_synthetic()).save(img)
+    proc = run_cli("predict", img, "--encoder", models["encoder"], "--decoder", vit_b,
+                   "--point", "100,100", "--out", tmp_path / "mask.png", "--providers", "cpu")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and "is vit_b" in proc.stderr
+    assert not (tmp_path / "mask.png").exists()
+    SamOnnxPredictor(None, vit_b)  # a decoder alone (embeddings loaded later) is not a pair
+
+
 def test_a_decoder_without_its_weights_file_is_refused_with_the_fix(models, tmp_path):
-    from sam_onnx.repairer import repair
+    from sam_onnx.tools.repair import repair
 
     outside = repair(models["official"], tmp_path / "ext.onnx", external_data=True).output
     for data in tmp_path.glob("ext.onnx.*"):

@@ -5,15 +5,15 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import run_cli, static_points
 
 import sam_onnx
-from sam_onnx import feeds, metadata, validator
-from sam_onnx.contracts import DECODER_BATCHED, DECODER_LOWRES, DECODER_OFFICIAL
-from sam_onnx.errors import SamOnnxError
-from sam_onnx.repair_passes import keep_outputs
-from sam_onnx.repairer import repair
-
-from conftest import run_cli, static_points
+from sam_onnx import backend
+from sam_onnx.core.errors import SamOnnxError
+from sam_onnx.families.sam.contracts import DECODER_BATCHED, DECODER_LOWRES, DECODER_OFFICIAL
+from sam_onnx.graph import feeds, metadata
+from sam_onnx.graph.passes import keep_outputs
+from sam_onnx.tools.repair import repair
 
 
 @pytest.fixture(scope="module")
@@ -65,18 +65,18 @@ def _prompt(size=(534, 800), has_mask=1.0, seed=0):
 
 def test_rename(decoders, tmp_path):
     broken = _broken(decoders["official"], tmp_path, _rename_input("point_labels", "labels"))
-    assert not validator.validate(broken, feed="official").ok
+    assert not sam_onnx.validate(broken, feed="official").ok
     result = repair(broken, tmp_path / "fixed.onnx", rename={"labels": "point_labels"})
     assert result.changes == ["rename: renamed labels to point_labels"]
-    assert validator.validate(result.output, feed="official").ok
+    assert sam_onnx.validate(result.output, feed="official").ok
     assert result.parity.passed and result.parity.worst.max_abs_err == 0.0
 
 
 def test_dynamic_points(decoders, tmp_path):
     broken = _broken(decoders["official"], tmp_path, static_points(5))
-    assert "SAM024" in validator.validate(broken, feed="official").codes()
+    assert "SAM024" in sam_onnx.validate(broken, feed="official").codes()
     result = repair(broken, tmp_path / "fixed.onnx", dynamic_points=True)
-    assert validator.validate(result.output, feed="official").ok
+    assert sam_onnx.validate(result.output, feed="official").ok
     assert result.parity.passed
 
 
@@ -87,19 +87,19 @@ def test_drop_initializer_inputs(decoders, tmp_path):
             init.name, init.data_type, list(init.dims)))
 
     broken = _broken(decoders["official"], tmp_path, old_exporter)
-    assert "SAM026" in validator.validate(broken).codes()
+    assert "SAM026" in sam_onnx.validate(broken).codes()
     result = repair(broken, tmp_path / "fixed.onnx", drop_initializer_inputs=True)
-    assert "SAM026" not in validator.validate(result.output).codes() and result.parity.passed
+    assert "SAM026" not in sam_onnx.validate(result.output).codes() and result.parity.passed
 
 
 def test_lower_ir_version(decoders, tmp_path):
-    max_ir, _ = validator.runtime_limits()
+    max_ir, _ = backend.runtime_limits()
 
     def bump(model):
         model.ir_version = max_ir + 1
 
     broken = _broken(decoders["official"], tmp_path, bump)
-    assert "SAM010" in validator.validate(broken).codes()
+    assert "SAM010" in sam_onnx.validate(broken).codes()
     proc = run_cli("repair", broken, "-o", tmp_path / "fixed.onnx", "--ir-version", max_ir)
     assert proc.returncode == 0, proc.stderr
     assert onnx.load(str(tmp_path / "fixed.onnx")).ir_version == max_ir
@@ -134,7 +134,7 @@ def test_fp16_keeps_float32_inputs_and_outputs(decoders, tmp_path):
     assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in model.graph.input)
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
     assert result.parity.precision == "fp16" and result.parity.passed
-    assert validator.validate(result.output, feed="official").ok
+    assert sam_onnx.validate(result.output, feed="official").ok
 
 
 def test_lowres_to_official_matches_the_exported_official_decoder(decoders, tmp_path):
@@ -150,7 +150,7 @@ def test_lowres_to_official_matches_the_exported_official_decoder(decoders, tmp_
 
 def test_official_to_lowres_matches_the_exported_lowres_decoder(decoders, tmp_path):
     result = repair(decoders["official"], tmp_path / "lowres.onnx", contract="lowres")
-    assert validator.validate(result.output, feed="lowres").ok
+    assert sam_onnx.validate(result.output, feed="lowres").ok
     for has_mask in (1.0, 0.0):
         arrays = _prompt(has_mask=has_mask)
         got, want = _run(result.output, arrays), _run(decoders["lowres"], arrays)
@@ -169,7 +169,7 @@ def test_auto_makes_a_four_input_graph_take_the_official_feed(decoders, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "renamed point_coord to point_coords" in proc.stdout
     assert "to_official" in proc.stdout and "num_points" in proc.stdout
-    report = validator.validate(tmp_path / "auto.onnx", feed="official", run=True)
+    report = sam_onnx.validate(tmp_path / "auto.onnx", feed="official", run=True)
     assert report.ok and "matches the official contract" in report.to_text()
 
 
@@ -221,11 +221,11 @@ def test_auto_makes_a_fixed_batch_batched_decoder_take_any_prompt_count(tiny_bat
                 value.type.tensor_type.shape.dim[1].dim_value = 2
 
     broken = _broken(tiny_batched, tmp_path, fix_batch)
-    assert not validator.validate(broken, feed="batched").ok
+    assert not sam_onnx.validate(broken, feed="batched").ok
     result = repair(broken, tmp_path / "fixed.onnx", auto_feed="batched")
     assert any("num_prompts" in c for c in result.changes)
     assert any("num_points" in c for c in result.changes)
-    assert validator.validate(tmp_path / "fixed.onnx", feed="batched", run=True).ok
+    assert sam_onnx.validate(tmp_path / "fixed.onnx", feed="batched", run=True).ok
     assert metadata.read(onnx.load(str(tmp_path / "fixed.onnx")))["contract"] == "batched"
 
 
@@ -246,12 +246,12 @@ def _unfiltered(model):
 def test_auto_gives_an_unfiltered_many_prompt_decoder_the_batched_contract(tiny_batched,
                                                                           tmp_path):
     old = _broken(tiny_batched, tmp_path, _unfiltered)
-    report = validator.validate(old, feed="batched")
+    report = sam_onnx.validate(old, feed="batched")
     assert any("pred_iou_thresh" in f.message for f in report.errors), report.findings
     proc = run_cli("repair", old, "-o", tmp_path / "fixed.onnx", "--auto", "--feed", "batched")
     assert proc.returncode == 0, proc.stderr
     assert "to_batched" in proc.stdout and "parity" in proc.stdout
-    assert validator.validate(tmp_path / "fixed.onnx", feed="batched", run=True).ok
+    assert sam_onnx.validate(tmp_path / "fixed.onnx", feed="batched", run=True).ok
     assert metadata.read(onnx.load(str(tmp_path / "fixed.onnx")))["contract"] == "batched"
     # the repaired graph picks the same prompts and masks as an exported batched decoder
     feed = feeds.example_arrays(DECODER_BATCHED)

@@ -6,12 +6,11 @@ import sys
 import warnings
 
 import pytest
-
-from sam_onnx import sessions
-from sam_onnx.errors import SamOnnxError
-from sam_onnx.sessions import ProviderFallbackWarning, SessionConfig
-
 from conftest import run_cli
+
+from sam_onnx.core.errors import SamOnnxError
+from sam_onnx.runtime import sessions
+from sam_onnx.runtime.sessions import ProviderFallbackWarning, SessionConfig
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +78,8 @@ def test_with_onnxruntime_gpu_and_no_driver_the_reason_names_the_driver(decoder,
                           str(target), "onnxruntime-gpu>=1.20,<2"], capture_output=True, text=True)
     if pip.returncode != 0:
         pytest.skip(f"onnxruntime-gpu could not be installed here: {pip.stderr[-300:]}")
-    code = ("from sam_onnx import sessions; import warnings; warnings.simplefilter('ignore');"
+    code = ("from sam_onnx.runtime import sessions; import warnings; "
+            "warnings.simplefilter('ignore');"
             f"s = sessions.create({str(decoder)!r}); print(s.active); print(s.fallback_reason)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           env={**os.environ, "PYTHONPATH": str(target)})
@@ -123,9 +123,10 @@ def test_with_onnxruntime_openvino_the_graphs_run_on_openvino(tiny_export, tmp_p
         pytest.skip(f"onnxruntime-openvino could not be installed here: {pip.stderr[-300:]}")
     code = f"""
 import json, warnings, numpy as np
-from sam_onnx import feeds as f, sessions
-from sam_onnx.contracts import DECODER_OFFICIAL
-from sam_onnx.sessions import SessionConfig
+from sam_onnx.graph import feeds as f
+from sam_onnx.runtime import sessions
+from sam_onnx.families.sam.contracts import DECODER_OFFICIAL
+from sam_onnx.runtime.sessions import SessionConfig
 folder = {str(tiny_export[0])!r}
 rng = np.random.default_rng(0)
 feeds = {{"tiny_encoder.onnx": {{"image": rng.standard_normal((1, 3, 1024, 1024), np.float32)}},
@@ -134,8 +135,9 @@ emb = feeds["tiny_decoder_official.onnx"]["image_embeddings"]
 emb[...] = rng.standard_normal(emb.shape, np.float32)
 out = {{"imported": sessions.installed_packages().get("imported")}}
 for graph, feed in feeds.items():
-    ov = sessions.create(f"{{folder}}/{{graph}}", SessionConfig(providers=("openvino",), strict=True,
-                         cache_dir={str(tmp_path / "cache")!r}))
+    ov = sessions.create(f"{{folder}}/{{graph}}",
+                         SessionConfig(providers=("openvino",), strict=True,
+                                       cache_dir={str(tmp_path / "cache")!r}))
     cpu = sessions.create(f"{{folder}}/{{graph}}", SessionConfig(providers=("cpu",)))
     diff = max(float(np.abs(a - b).max()) for a, b in zip(ov.run(None, feed), cpu.run(None, feed)))
     out[graph] = {{"active": ov.active, "max_diff": diff}}

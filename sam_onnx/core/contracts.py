@@ -1,0 +1,111 @@
+"""The types contracts are declared with: what a graph takes and returns, and how an image
+becomes its input and its output becomes masks.
+
+Each model family declares its contracts as data with these types (``families/<name>/``);
+the exporter records them in each graph's metadata, and the validator, repairer and runtime
+read the same declarations. A dimension is either a fixed int or a symbolic name (a dynamic
+axis, e.g. ``num_points``). No onnx, onnxruntime or torch here.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Mapping, Tuple, Union
+
+Dim = Union[int, str]
+
+#: The batched decoder's pred_iou_thresh that keeps every prompt's masks.
+EVERY_PROMPT = float("-inf")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How an image becomes the encoder's input, as the numpy runtime applies it: resize so
+    the longest side is ``image_size``, normalize by ``pixel_mean``/``pixel_std`` (RGB, 0-255),
+    zero-pad bottom-right to a square."""
+
+    image_size: int
+    pixel_mean: Tuple[float, float, float]
+    pixel_std: Tuple[float, float, float]
+    resize: str = "longest_side"
+    pad: str = "bottom_right"
+
+
+@dataclass(frozen=True)
+class Postprocess:
+    """How decoder logits become masks: upscale ``low_res_size`` logits to the padded input
+    frame, crop the padding, resize to the original image, threshold."""
+
+    low_res_size: int
+    mask_threshold: float = 0.0
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: Tuple[Dim, ...]
+    doc: str
+
+    @property
+    def dynamic_axes(self) -> Dict[int, str]:
+        return {i: d for i, d in enumerate(self.shape) if isinstance(d, str)}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed difference from PyTorch: |onnx - torch| <= atol + rtol * max|torch|, and
+    thresholded masks overlapping PyTorch's by at least ``min_mask_iou``."""
+
+    atol: float
+    rtol: float
+    min_mask_iou: float = 0.99
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    name: str
+    role: str  # "encoder" or "decoder"
+    doc: str
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    #: Parity with PyTorch per precision, used by the exporter's checks.
+    tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> Tuple[str, ...]:
+        return tuple(t.name for t in self.inputs)
+
+    @property
+    def output_names(self) -> Tuple[str, ...]:
+        return tuple(t.name for t in self.outputs)
+
+    def input(self, name: str) -> TensorSpec:
+        return {t.name: t for t in self.inputs}[name]
+
+    def output(self, name: str) -> TensorSpec:
+        return {t.name: t for t in self.outputs}[name]
+
+    def dynamic_axes(self) -> Dict[str, Dict[int, str]]:
+        """Symbolic dims by tensor name, in the form torch.onnx.export takes."""
+        return {t.name: t.dynamic_axes for t in self.inputs + self.outputs if t.dynamic_axes}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Mapping) -> "GraphContract":
+        def spec(d):
+            return TensorSpec(d["name"], d["dtype"], tuple(d["shape"]), d.get("doc", ""))
+
+        return cls(
+            name=data["name"],
+            role=data["role"],
+            doc=data.get("doc", ""),
+            inputs=tuple(spec(d) for d in data["inputs"]),
+            outputs=tuple(spec(d) for d in data["outputs"]),
+            tolerances={k: Tolerance(**v) for k, v in data.get("tolerances", {}).items()},
+        )

@@ -1,0 +1,55 @@
+"""The registry of model families: names -> what each declares (``base.Family``).
+
+The CLI's ``--model`` choices, ``doctor``, docs/contracts.md, validate's contract matching,
+the exporter and the runtime all read it. Adding a family is a folder of its own here and one
+line in ``FAMILIES``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping, Optional, Tuple
+
+from ..core.contracts import GraphContract
+from ..core.errors import SamOnnxError
+from .base import Family, by_name
+from .sam import SAM
+
+FAMILIES: Dict[str, Family] = {f.name: f for f in (SAM,)}
+
+#: Model name -> its family.
+MODELS: Dict[str, Family] = {m: f for f in FAMILIES.values() for m in f.models}
+MODEL_NAMES: Tuple[str, ...] = tuple(MODELS)
+#: Every family's contracts by name (names are unique across families).
+CONTRACTS: Dict[str, GraphContract] = {
+    name: c for f in FAMILIES.values() for name, c in f.contracts.items()}
+DECODER_CONTRACTS: Tuple[str, ...] = tuple(n for n, c in CONTRACTS.items()
+                                           if c.role == "decoder")
+
+
+def family_of(model: str) -> Family:
+    """The family a model name belongs to, or a one-line error listing the names."""
+    return by_name(MODELS, model, "model")
+
+
+def get_contract(name: str) -> GraphContract:
+    return by_name(CONTRACTS, name, "contract")
+
+
+def declaring(contract: GraphContract) -> Family:
+    """The family that declares ``contract`` (matched by name)."""
+    return next(f for f in FAMILIES.values() if contract.name in f.contracts)
+
+
+def of_graph(record: Mapping) -> Optional[Family]:
+    """The family a graph's recorded metadata names (its ``model_type``), None when it records
+    none (another tool's export); a model this sam-onnx does not know is refused."""
+    model = record.get("model_type")
+    if not model:
+        return None
+    if model not in MODELS:
+        raise SamOnnxError(f"the graph was exported from {model!r}, a model this sam-onnx does "
+                           f"not know ({', '.join(MODEL_NAMES)}); upgrade sam-onnx")
+    return MODELS[model]
+
+
+__all__ = ["FAMILIES", "MODELS", "MODEL_NAMES", "CONTRACTS", "DECODER_CONTRACTS", "Family",
+           "family_of", "get_contract", "declaring", "of_graph"]

@@ -1,0 +1,78 @@
+"""What a model family declares, in one place: its model names and checkpoints, how a
+checkpoint is recognised, its graphs' contracts, its pre- and post-processing, and where its
+PyTorch side lives.
+
+Everything here is data the torch-free runtime, validate and repair read. The PyTorch side
+(builders, export wrappers and patches, the reference path check and the exporter compare
+against) is a module of the family's own, named by ``torch_side`` and imported only by the
+exporter and the tools that compare with PyTorch.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from importlib.util import find_spec
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Dict, Mapping, Optional, Tuple
+
+from ..core.contracts import GraphContract, Postprocess, Preprocess
+from ..core.errors import SamOnnxError
+
+#: The extra that installs every family's PyTorch side.
+EXPORT_EXTRA = "sam-onnx[export]"
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    doc: str
+    #: Model name -> the official checkpoint's file name (None: no published weights).
+    checkpoints: Mapping[str, Optional[str]]
+    #: Where the official checkpoints are downloaded from (file names appended).
+    checkpoint_url: str
+    #: By contract name: the encoder's, then the decoders'.
+    contracts: Mapping[str, GraphContract]
+    preprocess: Preprocess
+    postprocess: Postprocess
+    #: (state_dict, where it came from) -> model name, or a CheckpointError saying what it is;
+    #: reads tensor names and shapes only (no torch needed).
+    identify: Callable[[Mapping, Path], str]
+    #: The module of builders, export wrappers and the PyTorch reference.
+    torch_side: str
+    #: The Python modules the PyTorch side needs, and the pip package of each.
+    torch_requires: Tuple[Tuple[str, str], ...]
+
+    @property
+    def models(self) -> Tuple[str, ...]:
+        return tuple(self.checkpoints)
+
+    @property
+    def encoder(self) -> GraphContract:
+        return next(c for c in self.contracts.values() if c.role == "encoder")
+
+    @property
+    def decoder_contracts(self) -> Tuple[str, ...]:
+        return tuple(n for n, c in self.contracts.items() if c.role == "decoder")
+
+    def require_torch(self) -> None:
+        """Fail in one line, naming the extra to install, when the PyTorch side cannot be
+        imported; imports nothing itself (a benchmark's parent stays torch-free)."""
+        missing = [pip for module, pip in self.torch_requires if find_spec(module) is None]
+        if missing:
+            raise SamOnnxError(
+                f"this needs PyTorch and the {self.name} model code ({', '.join(missing)} "
+                f"not installed); pip install '{EXPORT_EXTRA}'")
+
+    def torch(self) -> ModuleType:
+        """The PyTorch side, or a one-line error naming the extra to install."""
+        self.require_torch()
+        return importlib.import_module(self.torch_side)
+
+
+def by_name(items: Dict[str, object], name: str, what: str):
+    """``items[name]``, or a one-line error listing the names there are."""
+    try:
+        return items[name]
+    except KeyError:
+        raise SamOnnxError(f"unknown {what} {name!r}; use one of: {', '.join(items)}") from None

@@ -1,0 +1,403 @@
+"""Graph-to-graph repair passes, and their registry ``PASSES`` (name -> pass, the tolerance its
+result is compared with the original at), which ``repair`` applies in order.
+
+Each edit returns what it changed (an empty list: nothing to do). Also here: the cuts the
+runtime makes to a graph it loads (``keep_outputs``, ``bind_inputs``)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from ..core.errors import SamOnnxError
+from ..families.sam.contracts import DECODER_BATCHED, DECODER_LOWRES, DECODER_OFFICIAL, IMAGE_SIZE
+from . import io as graph_io
+from . import signature
+
+POINT_INPUTS = ("point_coords", "point_labels")
+#: A many-prompt decoder that returns every prompt's masks: the batched contract before it
+#: took pred_iou_thresh, and what other tools export.
+UNFILTERED_BATCHED_INPUTS = set(DECODER_BATCHED.input_names) - {"pred_iou_thresh"}
+
+
+def _rename_everywhere(graph: onnx.GraphProto, old: str, new: str) -> None:
+    for node in graph.node:
+        node.input[:] = [new if n == old else n for n in node.input]
+        node.output[:] = [new if n == old else n for n in node.output]
+        for sub in signature.subgraphs(node):
+            _rename_everywhere(sub, old, new)
+    for value in list(graph.input) + list(graph.output) + list(graph.value_info):
+        if value.name == old:
+            value.name = new
+
+
+def rename(model: onnx.ModelProto, mapping: Dict[str, str]) -> List[str]:
+    """Rename graph inputs/outputs: ``{"images": "image"}``."""
+    io = [v.name for v in list(model.graph.input) + list(model.graph.output)]
+    changes = []
+    for old, new in mapping.items():
+        if old not in io:
+            raise SamOnnxError(f"--rename {old}={new}: the graph has no input or output {old}; "
+                               f"it has {', '.join(io)}")
+        if new in io:
+            raise SamOnnxError(f"--rename {old}={new}: {new} already exists in the graph")
+        _rename_everywhere(model.graph, old, new)
+        changes.append(f"renamed {old} to {new}")
+    return changes
+
+
+def dynamic_points(model: onnx.ModelProto) -> List[str]:
+    """Make the point axis of point_coords/point_labels the symbolic ``num_points``, and a
+    fixed prompt axis other than 1 (a batched decoder exported for one batch size) the
+    symbolic ``num_prompts``."""
+    changes = []
+    for value in model.graph.input:
+        if value.name not in POINT_INPUTS:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        wanted = {1: "num_points"}
+        if dims[0].HasField("dim_value") and dims[0].dim_value != 1:
+            wanted[0] = "num_prompts"
+        for axis, symbol in wanted.items():
+            dim = dims[axis]
+            if not dim.HasField("dim_param") or dim.dim_param != symbol:
+                before = dim.dim_value if dim.HasField("dim_value") else dim.dim_param
+                dim.Clear()
+                dim.dim_param = symbol
+                changes.append(f"{value.name} axis {axis}: {before} -> {symbol}")
+    if changes:  # inferred shapes inside the graph may still say the old size
+        del model.graph.value_info[:]
+    return changes
+
+
+def drop_initializer_inputs(model: onnx.ModelProto) -> List[str]:
+    init = {i.name for i in model.graph.initializer}
+    dropped = [v.name for v in model.graph.input if v.name in init]
+    kept = [v for v in model.graph.input if v.name not in init]
+    del model.graph.input[:]
+    model.graph.input.extend(kept)
+    return [f"dropped {len(dropped)} initializer(s) listed as inputs"] if dropped else []
+
+
+def _min_ir_for_opset(opset: int) -> int:
+    return min(ir for _, ir, ops, *_ in helper.VERSION_TABLE if ops >= opset)
+
+
+def set_ir_version(model: onnx.ModelProto, ir: int) -> List[str]:
+    if model.ir_version <= ir:
+        return []
+    opset = graph_io.opset(model) or 1
+    if ir < _min_ir_for_opset(opset):
+        raise SamOnnxError(f"IR version {ir} cannot hold opset {opset} (needs IR "
+                           f"{_min_ir_for_opset(opset)}); lower the opset too: --opset N")
+    before, model.ir_version = model.ir_version, ir
+    return [f"IR version {before} -> {ir}"]
+
+
+def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """onnx's version converter; returns the converted model (it builds a new one)."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as exc:
+        raise SamOnnxError(f"onnx cannot convert this graph to opset {opset}: "
+                           f"{str(exc).splitlines()[0]}; export it again with --opset "
+                           f"{opset}") from None
+
+
+def to_official(model: onnx.ModelProto) -> List[str]:
+    """A 4-input ``lowres`` decoder becomes the 6-input ``official`` one: has_mask_input gates
+    mask_input, and the low-res logits are upscaled to 1024, cropped to the resized image and
+    resized to orig_im_size inside the graph, as segment-anything's decoder does."""
+    g = model.graph
+    names = {v.name for v in g.input}
+    if names != set(DECODER_LOWRES.input_names):
+        raise SamOnnxError("only a lowres decoder (image_embeddings, point_coords, point_labels, "
+                           "mask_input) can be adapted to the official contract")
+    if {"low_res_masks", "iou_predictions"} - {o.name for o in g.output}:
+        raise SamOnnxError("the decoder's outputs must be named low_res_masks and "
+                           "iou_predictions first: --rename OLD=low_res_masks")
+    _rename_everywhere(g, "mask_input", "mask_input_gated")
+    for v in g.input:  # the graph input keeps its public name
+        if v.name == "mask_input_gated":
+            v.name = "mask_input"
+    g.input.extend([helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.shape))
+                    for t in DECODER_OFFICIAL.inputs[4:]])
+    c = lambda name, values, dtype=TensorProto.INT64: helper.make_tensor(  # noqa: E731
+        name, dtype, [len(values)], values)
+    g.initializer.extend([
+        c("sam_onnx_full", [1, 4, IMAGE_SIZE, IMAGE_SIZE]),
+        c("sam_onnx_image_size", [float(IMAGE_SIZE)], TensorProto.FLOAT),
+        c("sam_onnx_half", [0.5], TensorProto.FLOAT),
+        c("sam_onnx_zeros2", [0, 0]), c("sam_onnx_axes23", [2, 3]), c("sam_onnx_b4", [1, 4]),
+    ])
+    n = helper.make_node
+    nodes = [
+        n("Mul", ["mask_input", "has_mask_input"], ["mask_input_gated"]),
+        n("Resize", ["low_res_masks", "", "", "sam_onnx_full"], ["sam_onnx_up"], mode="linear",
+          coordinate_transformation_mode="pytorch_half_pixel"),
+        n("ReduceMax", ["orig_im_size"], ["sam_onnx_long"], keepdims=1),
+        n("Div", ["sam_onnx_image_size", "sam_onnx_long"], ["sam_onnx_scale"]),
+        n("Mul", ["orig_im_size", "sam_onnx_scale"], ["sam_onnx_scaled"]),
+        n("Add", ["sam_onnx_scaled", "sam_onnx_half"], ["sam_onnx_rounded"]),
+        n("Floor", ["sam_onnx_rounded"], ["sam_onnx_floor"]),
+        n("Cast", ["sam_onnx_floor"], ["sam_onnx_prepadded"], to=TensorProto.INT64),
+        n("Slice", ["sam_onnx_up", "sam_onnx_zeros2", "sam_onnx_prepadded", "sam_onnx_axes23"],
+          ["sam_onnx_cropped"]),
+        n("Cast", ["orig_im_size"], ["sam_onnx_orig"], to=TensorProto.INT64),
+        n("Concat", ["sam_onnx_b4", "sam_onnx_orig"], ["sam_onnx_out_size"], axis=0),
+        n("Resize", ["sam_onnx_cropped", "", "", "sam_onnx_out_size"], ["masks"], mode="linear",
+          coordinate_transformation_mode="pytorch_half_pixel"),
+    ]
+    g.node.insert(0, nodes[0])
+    g.node.extend(nodes[1:])
+    outputs = {o.name: o for o in g.output}
+    del g.output[:]
+    g.output.extend([helper.make_tensor_value_info("masks", TensorProto.FLOAT,
+                                                   list(DECODER_OFFICIAL.outputs[0].shape)),
+                     outputs["iou_predictions"], outputs["low_res_masks"]])
+    return ["added has_mask_input (gates mask_input) and orig_im_size",
+            "added upscale-and-crop to orig_im_size: output masks"]
+
+
+def to_lowres(model: onnx.ModelProto) -> List[str]:
+    """An ``official`` decoder becomes the 4-input ``lowres`` one for wrappers that feed 4:
+    has_mask_input is computed from mask_input (any non-zero value), orig_im_size is fixed, and
+    the upscaled masks output is dropped with the nodes only it used."""
+    g = model.graph
+    if {v.name for v in g.input} != set(DECODER_OFFICIAL.input_names):
+        raise SamOnnxError("only an official decoder can be adapted to the lowres contract")
+    kept = [v for v in g.input if v.name in DECODER_LOWRES.input_names]
+    del g.input[:]
+    g.input.extend(kept)
+    n = helper.make_node
+    g.initializer.extend([helper.make_tensor("sam_onnx_zero", TensorProto.FLOAT, [], [0.0]),
+                          helper.make_tensor("orig_im_size", TensorProto.FLOAT, [2],
+                                             [float(IMAGE_SIZE)] * 2)])
+    prologue = [
+        n("Abs", ["mask_input"], ["sam_onnx_abs"]),
+        n("ReduceMax", ["sam_onnx_abs"], ["sam_onnx_max"], keepdims=0),
+        n("Greater", ["sam_onnx_max", "sam_onnx_zero"], ["sam_onnx_any"]),
+        n("Cast", ["sam_onnx_any"], ["sam_onnx_any_f"], to=TensorProto.FLOAT),
+        n("Unsqueeze", ["sam_onnx_any_f", "sam_onnx_axis0"], ["has_mask_input"]),
+    ]
+    g.initializer.append(helper.make_tensor("sam_onnx_axis0", TensorProto.INT64, [1], [0]))
+    for node in reversed(prologue):
+        g.node.insert(0, node)
+    _keep_outputs(g, DECODER_LOWRES.output_names)
+    return ["has_mask_input computed from mask_input; orig_im_size fixed at 1024x1024",
+            "dropped the masks output and its upscaling"]
+
+
+def to_batched(model: onnx.ModelProto) -> List[str]:
+    """A many-prompt decoder that returns every prompt's masks becomes a ``batched`` one:
+    pred_iou_thresh picks the prompts whose masks are returned and kept_prompts says which.
+    The masks are picked after they are computed (an exported batched decoder skips them)."""
+    g = model.graph
+    if {v.name for v in g.input} != UNFILTERED_BATCHED_INPUTS:
+        raise SamOnnxError("only a decoder taking image_embeddings, point_coords and "
+                           "point_labels can be adapted to the batched contract")
+    if {"low_res_masks", "iou_predictions"} - {o.name for o in g.output}:
+        raise SamOnnxError("the decoder's outputs must be named low_res_masks and "
+                           "iou_predictions first: --rename OLD=low_res_masks")
+    thresh = DECODER_BATCHED.input("pred_iou_thresh")
+    masks, _, kept = DECODER_BATCHED.outputs
+    _rename_everywhere(g, masks.name, "sam_onnx_all_masks")
+    _rename_everywhere(g, kept.name, "sam_onnx_inner_kept")  # an inner tensor of that name
+    g.input.append(helper.make_tensor_value_info(thresh.name, TensorProto.FLOAT, thresh.shape))
+    g.initializer.extend([
+        helper.make_tensor("sam_onnx_ones4", TensorProto.FLOAT, [4, 1], [1.0] * 4),
+        helper.make_tensor("sam_onnx_all4", TensorProto.FLOAT, [], [3.5]),
+        helper.make_tensor("sam_onnx_flat", TensorProto.INT64, [1], [-1]),
+        helper.make_tensor("sam_onnx_zero1", TensorProto.INT64, [1], [0]),
+        helper.make_tensor("sam_onnx_one1", TensorProto.INT64, [1], [1]),
+    ])
+    n = helper.make_node
+    g.node.extend([  # kept: prompts whose four scores are not all at or below the threshold
+        n("LessOrEqual", ["iou_predictions", thresh.name], ["sam_onnx_at_or_below"]),
+        n("Cast", ["sam_onnx_at_or_below"], ["sam_onnx_below_f"], to=TensorProto.FLOAT),
+        n("MatMul", ["sam_onnx_below_f", "sam_onnx_ones4"], ["sam_onnx_count"]),  # any opset
+        n("Less", ["sam_onnx_count", "sam_onnx_all4"], ["sam_onnx_keep"]),
+        n("NonZero", ["sam_onnx_keep"], ["sam_onnx_nonzero"]),
+        n("Slice", ["sam_onnx_nonzero", "sam_onnx_zero1", "sam_onnx_one1"], ["sam_onnx_rows"]),
+        n("Reshape", ["sam_onnx_rows", "sam_onnx_flat"], [kept.name]),
+        n("Gather", ["sam_onnx_all_masks", kept.name], [masks.name], axis=0),
+    ])
+    outputs = {o.name: o for o in g.output}
+    del g.output[:]
+    g.output.extend([
+        helper.make_tensor_value_info(masks.name, TensorProto.FLOAT, masks.shape),
+        outputs["iou_predictions"],
+        helper.make_tensor_value_info(kept.name, TensorProto.INT64, kept.shape)])
+    return ["added pred_iou_thresh: masks only for the prompts with a score above it",
+            "added kept_prompts"]
+
+
+def keep_outputs(model: onnx.ModelProto, names) -> onnx.ModelProto:
+    """A copy of ``model`` that computes only the outputs ``names``: the nodes and
+    initializers only the other outputs used are gone."""
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    _keep_outputs(pruned.graph, names)
+    return pruned
+
+
+def bind_inputs(model: onnx.ModelProto, values: Dict[str, np.ndarray]) -> onnx.ModelProto:
+    """A copy of ``model`` whose inputs ``values`` are constants: ONNX Runtime then folds
+    everything computed from them alone when it loads the graph."""
+    bound = onnx.ModelProto()
+    bound.CopyFrom(model)
+    graph = bound.graph
+    kept = [i for i in graph.input if i.name not in values]
+    graph.initializer.extend(numpy_helper.from_array(np.asarray(v), name)
+                             for name, v in values.items())
+    del graph.input[:]
+    graph.input.extend(kept)
+    return bound
+
+
+def _keep_outputs(graph: onnx.GraphProto, names) -> None:
+    """In place: the outputs ``names``, in that order, and only what they depend on."""
+    outputs = {o.name: o for o in graph.output}
+    kept = [outputs[name] for name in names]
+    del graph.output[:]
+    graph.output.extend(kept)
+    _prune(graph)
+
+
+def _prune(graph: onnx.GraphProto) -> None:
+    """Remove nodes and initializers no graph output depends on."""
+    needed = {o.name for o in graph.output}
+    keep = []
+    for node in reversed(graph.node):
+        if any(o in needed for o in node.output):
+            keep.append(node)
+            needed.update(node.input)
+            for sub in signature.subgraphs(node):
+                needed.update(signature.consumed_names(sub))
+    del graph.node[:]
+    graph.node.extend(reversed(keep))
+    inits = [i for i in graph.initializer if i.name in needed]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+
+
+def fp16(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Weights and compute in float16, inputs and outputs still float32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = convert_float_to_float16(model, keep_io_types=True)
+    _toposort(model.graph)  # the converter appends its input Casts after their consumers
+    return model
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Order nodes so each follows the nodes producing its inputs (original order otherwise)."""
+    import heapq
+
+    nodes = list(graph.node)
+    producer = {o: i for i, node in enumerate(nodes) for o in node.output}
+    waiting = [len({producer[x] for x in node.input if producer.get(x, i) != i})
+               for i, node in enumerate(nodes)]
+    users: Dict[int, List[int]] = {}
+    for i, node in enumerate(nodes):
+        for j in {producer[x] for x in node.input if producer.get(x, i) != i}:
+            users.setdefault(j, []).append(i)
+    ready = [i for i, n in enumerate(waiting) if n == 0]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for user in users.get(i, []):
+            waiting[user] -= 1
+            if waiting[user] == 0:
+                heapq.heappush(ready, user)
+    if len(order) != len(nodes):
+        raise SamOnnxError("the graph has a cycle; it cannot be repaired")
+    sorted_nodes = [onnx.NodeProto.FromString(nodes[i].SerializeToString()) for i in order]
+    del graph.node[:]
+    graph.node.extend(sorted_nodes)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A named repair: ``apply(model, value) -> (model, changes)``, run when ``repair``'s
+    option ``option`` is set (to ``selects``, where given), and the tolerance its result is
+    compared with the original at (the outputs both graphs have)."""
+
+    name: str
+    option: str
+    apply: Callable[[onnx.ModelProto, Any], Tuple[onnx.ModelProto, List[str]]]
+    precision: str
+    doc: str
+    selects: Optional[str] = None
+
+    def wanted(self, value) -> bool:
+        if self.selects is not None:
+            return value == self.selects
+        return value is not None and value is not False and value != {}
+
+
+def _in_place(edit: Callable[..., List[str]], with_value: bool = True):
+    """A pass that edits the model in place and returns its changes."""
+    def apply(model: onnx.ModelProto, value):
+        return model, (edit(model, value) if with_value else edit(model))
+    return apply
+
+
+def _opset(model: onnx.ModelProto, target: int):
+    before = graph_io.opset(model)
+    if before == target:
+        return model, []
+    return convert_opset(model, target), [f"opset {before} -> {target}"]
+
+
+def _simplify(model: onnx.ModelProto, _):
+    return graph_io.simplify(model, "repair without --simplify"), ["simplified with onnxsim"]
+
+
+def _fp16(model: onnx.ModelProto, _):
+    return fp16(model), ["weights and compute in float16, inputs and outputs float32"]
+
+
+#: Decoder contract -> the edit that converts a decoder to it.
+CONTRACT_CONVERSIONS = {"official": to_official, "lowres": to_lowres, "batched": to_batched}
+
+#: Every repair pass, in the order ``repair`` applies the ones asked for.
+PASSES: Dict[str, Pass] = {p.name: p for p in (
+    Pass("drop_initializer_inputs", "drop_initializer_inputs",
+         _in_place(drop_initializer_inputs, with_value=False), "fp32",
+         "stop listing initializers as graph inputs"),
+    Pass("rename", "rename", _in_place(rename), "fp32",
+         "rename inputs/outputs (compared by their new names)"),
+    Pass("dynamic_points", "dynamic_points", _in_place(dynamic_points, with_value=False),
+         "fp32", "make the point (and a fixed prompt) axis symbolic"),
+    *(Pass(f"to_{name}", "contract", _in_place(convert, with_value=False), "fp32",
+           f"convert a decoder to the {name} contract (the outputs both have are compared)",
+           selects=name) for name, convert in CONTRACT_CONVERSIONS.items()),
+    Pass("opset", "opset", _opset, "fp32", "onnx's version converter"),
+    Pass("ir_version", "ir_version", _in_place(set_ir_version), "fp32", "lower the IR version"),
+    Pass("simplify", "simplify", _simplify, "fp32", "onnxsim"),
+    Pass("fp16", "fp16", _fp16, "fp16", "float16 weights and compute, float32 inputs/outputs"),
+)}
+
+
+def apply(model: onnx.ModelProto, options: Dict[str, Any]
+          ) -> Tuple[onnx.ModelProto, List[str], List[Pass]]:
+    """Apply the passes whose option is set, in registry order: (model, changes, the passes
+    that changed something)."""
+    changes: List[str] = []
+    applied: List[Pass] = []
+    for p in PASSES.values():
+        if not p.wanted(options.get(p.option)):
+            continue
+        model, done = p.apply(model, options[p.option])
+        if done:
+            applied.append(p)
+            changes.extend(f"{p.name}: {d}" for d in done)
+    return model, changes, applied

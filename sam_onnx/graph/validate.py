@@ -1,0 +1,357 @@
+"""Say, before anything runs, every way a graph and a feed don't fit: the rules and their checks.
+
+ONNX Runtime stops at the first problem; this reports all of them, each with the ONNX
+Runtime error it predicts and the fix. Only the graph's protobuf is read: external weights
+are checked for presence and size, never loaded (``tools.validate`` runs the graph when asked).
+"""
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import onnx
+
+from ..backend import runtime_limits
+from . import feeds as feeds_
+from . import metadata, signature
+from .findings import Finding, Report
+
+ModelSource = Union[str, Path, onnx.ModelProto]
+
+
+class Rule:
+    """A rule: stable code, name and severity; ``finding()`` fills in the rest."""
+
+    def __init__(self, code: str, name: str, severity: str) -> None:
+        self.code, self.name, self.severity = code, name, severity
+
+    def finding(self, target: str, message: str, fix: str = "", **kw) -> Finding:
+        return Finding(self.code, self.name, self.severity, target, message, fix, **kw)
+
+
+# The file
+FILE_MISSING = Rule("SAM001", "file-missing", "error")
+FILE_EMPTY = Rule("SAM002", "file-empty", "error")
+FILE_NOT_ONNX = Rule("SAM003", "not-onnx", "error")
+FILE_TRUNCATED = Rule("SAM004", "file-truncated", "error")
+EXTERNAL_MISSING = Rule("SAM005", "external-data-missing", "error")
+EXTERNAL_SHORT = Rule("SAM006", "external-data-too-short", "error")
+CHECKER = Rule("SAM007", "onnx-checker", "error")
+# Versions
+IR_TOO_NEW = Rule("SAM010", "ir-version-unsupported", "error")
+OPSET_TOO_NEW = Rule("SAM011", "opset-unsupported", "error")
+# Inputs vs feed
+MISSING_INPUT = Rule("SAM020", "missing-input", "error")
+UNEXPECTED_INPUT = Rule("SAM021", "unexpected-input", "error")
+DTYPE = Rule("SAM022", "input-dtype", "error")
+RANK = Rule("SAM023", "input-rank", "error")
+DIM = Rule("SAM024", "input-dim", "error")
+SYMBOLIC_DIM = Rule("SAM025", "symbolic-dim-unchecked", "warning")
+INITIALIZER_INPUT = Rule("SAM026", "initializer-as-input", "info")
+UNUSED_INPUT = Rule("SAM027", "unused-input", "warning")
+# SAM-aware
+CONTRACT_MATCH = Rule("SAM030", "contract-match", "info")
+CONTRACT_NEAREST = Rule("SAM031", "contract-nearest", "warning")
+RECORDED_CONTRACT = Rule("SAM032", "recorded-contract-differs", "error")
+PAIR_EMBEDDINGS = Rule("SAM033", "pair-embeddings", "error")
+PAIR_MODEL_TYPE = Rule("SAM034", "pair-model-type", "error")
+PAIR_OK = Rule("SAM035", "pair-fits", "info")
+# Running
+RUN_FAILED = Rule("SAM040", "run-failed", "error")
+NON_FINITE = Rule("SAM041", "non-finite-output", "error")
+
+RULES = {r.code: r for r in globals().values() if isinstance(r, Rule)}
+#: Findings after which the file could not be read at all (the CLI exits 2).
+UNREADABLE = {r.code for r in (FILE_MISSING, FILE_EMPTY, FILE_NOT_ONNX, FILE_TRUNCATED)}
+
+
+def _ort_type(dtype: str) -> str:
+    return f"tensor({ {'float32': 'float', 'float64': 'double'}.get(dtype, dtype) })"
+
+
+def read(path: Path, report: Report) -> Optional[onnx.ModelProto]:
+    """The graph's protobuf without its external weights, or None with the reason reported."""
+    name = str(path)
+    if not path.is_file():
+        report.add(FILE_MISSING.finding("model", f"{path} does not exist",
+                                        "check the path", model=name))
+        return None
+    head = path.open("rb").read(64)
+    if not head:
+        report.add(FILE_EMPTY.finding("model", f"{path} is empty (0 bytes)",
+                                      "export or download it again", model=name))
+        return None
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # untrusted bytes: protobuf and onnx raise several types
+        kind = _what_is(head)
+        rule = FILE_TRUNCATED if kind == "onnx" else FILE_NOT_ONNX
+        msg = (f"{path} is a damaged or truncated ONNX file ({str(exc) or type(exc).__name__})"
+               if kind == "onnx" else f"{path} is not an ONNX model: it looks like {kind}")
+        report.add(rule.finding("model", msg, "export or download the model again", model=name))
+        return None
+    if not model.HasField("graph") or not model.graph.node:
+        report.add(FILE_NOT_ONNX.finding(
+            "model", f"{path} parses as protobuf but holds no ONNX graph",
+            "pass an .onnx model file", model=name))
+        return None
+    if _undecodable_text(model):
+        report.add(FILE_TRUNCATED.finding(
+            "model", f"{path} is a damaged ONNX file (names or metadata that are not UTF-8 "
+            "text)", "export or download the model again", model=name))
+        return None
+    return model
+
+
+def _undecodable_text(model: onnx.ModelProto) -> bool:
+    """Whether a name or metadata entry the checks read is not UTF-8: protobuf hands such
+    string fields back as bytes (found by fuzzing damaged files)."""
+    g = model.graph
+    texts = [v.name for v in (*g.input, *g.output, *g.initializer)]
+    texts += [d.dim_param for v in g.input for d in v.type.tensor_type.shape.dim]
+    texts += [x for p in model.metadata_props for x in (p.key, p.value)]
+    return any(not isinstance(t, str) for t in texts)
+
+
+def _what_is(head: bytes) -> str:
+    if head.startswith(b"PK\x03\x04"):
+        return "a zip archive (a PyTorch .pth checkpoint?)"
+    if head.startswith((b"\x80\x02", b"\x80\x04", b"\x80\x05")):
+        return "a Python pickle"
+    if head.lstrip()[:1] in (b"{", b"["):
+        return "JSON text"
+    if head.startswith(b"\x08") and b"\x12" in head[:16]:
+        return "onnx"  # field 1 (ir_version) then field 2 (producer_name): an ONNX header
+    try:
+        head.decode("utf-8")
+        return "text"
+    except UnicodeDecodeError:
+        return "binary data that is not an ONNX protobuf"
+
+
+def _external_data(path: Path, model: onnx.ModelProto, report: Report) -> bool:
+    """Each external file present and long enough for every tensor that points into it."""
+    ends: Dict[str, int] = {}
+    for tensor in onnx.external_data_helper._get_all_tensors(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = {e.key: e.value for e in tensor.external_data}
+        try:
+            end = int(info.get("offset") or 0) + int(info.get("length") or 0)
+        except ValueError:
+            end = 0
+        location = info.get("location", "")
+        ends[location] = max(ends.get(location, 0), end)
+    ok = True
+    for location, end in ends.items():
+        data = path.parent / location
+        if not data.is_file():
+            report.add(EXTERNAL_MISSING.finding(
+                "model", f"external data file {location} is missing beside {path.name}",
+                f"copy {location} next to {path.name} (weights live there)", model=str(path)))
+            ok = False
+        elif data.stat().st_size < end:
+            report.add(EXTERNAL_SHORT.finding(
+                "model", f"{location} has {data.stat().st_size} bytes, tensors need {end}",
+                f"copy {location} again: it is truncated", expected=str(end),
+                actual=str(data.stat().st_size), model=str(path)))
+            ok = False
+    return ok
+
+
+def _versions(model: onnx.ModelProto, report: Report, name: str) -> None:
+    max_ir, max_opset = runtime_limits()
+    if model.ir_version > max_ir:
+        report.add(IR_TOO_NEW.finding(
+            "model", f"IR version {model.ir_version} is newer than this ONNX Runtime loads",
+            f"sam-onnx repair --ir-version {max_ir}, or upgrade onnxruntime",
+            expected=f"<= {max_ir}", actual=str(model.ir_version), model=name,
+            ort_error=f"Unsupported model IR version: {model.ir_version}, max supported IR "
+                      f"version: {max_ir}"))
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx") and op.version > max_opset:
+            report.add(OPSET_TOO_NEW.finding(
+                "model", f"opset {op.version} is newer than this ONNX Runtime supports",
+                f"sam-onnx repair --opset {max_opset}, or upgrade onnxruntime",
+                expected=f"<= {max_opset}", actual=str(op.version), model=name,
+                ort_error=f"Current official support for domain ai.onnx is till opset "
+                          f"{max_opset}"))
+
+
+def _graph_inputs(model: onnx.ModelProto, report: Report, name: str) -> None:
+    init = {i.name for i in model.graph.initializer}
+    used = signature.consumed_names(model.graph) | {o.name for o in model.graph.output}
+    for value in model.graph.input:
+        if value.name in init:
+            report.add(INITIALIZER_INPUT.finding(
+                f"input:{value.name}", "an initializer listed as a graph input (old exporters "
+                "do this): optional to feed, not missing", "sam-onnx repair "
+                "--drop-initializer-inputs", model=name))
+        elif value.name not in used:
+            report.add(UNUSED_INPUT.finding(
+                f"input:{value.name}", "no node uses this input; feeding it has no effect",
+                "check the export: the graph may ignore a prompt you think it uses", model=name))
+
+
+def _contracts(model: onnx.ModelProto, report: Report, name: str) -> None:
+    recorded = metadata.recorded_contract(model)
+    if recorded is not None:
+        problems = signature.mismatches(model, recorded)
+        if problems:
+            report.add(RECORDED_CONTRACT.finding(
+                "model", f"the graph no longer follows the {recorded.name} contract recorded in "
+                f"its metadata: {'; '.join(problems)}", "export it again, or repair it to the "
+                "contract", model=name))
+    best, problems = signature.nearest_contract(model)
+    if not problems:
+        report.add(CONTRACT_MATCH.finding("model", f"matches the {best.name} contract",
+                                          model=name))
+    else:
+        report.add(CONTRACT_NEAREST.finding(
+            "model", f"matches no declared contract; nearest is {best.name} ({len(problems)} "
+            f"difference(s): {'; '.join(problems)})",
+            f"sam-onnx repair --auto --feed {best.name}" if best.role == "decoder" else "",
+            model=name))
+
+
+def check_feed(model: onnx.ModelProto, feed: feeds_.Feed, name: str = "") -> Report:
+    """Every way ``feed`` fails the graph's inputs, as ONNX Runtime would see it: names, then
+    each input's dtype, rank and dims, then symbolic dims fed different sizes."""
+    report = Report()
+    inputs = {t.name: t for t in signature.graph_inputs(model)}
+    _check_names(report, inputs, {i.name for i in model.graph.initializer}, feed, name)
+    symbols: Dict[str, List[Tuple[str, int]]] = {}
+    for n, spec in inputs.items():
+        if n in feed:
+            _check_input(report, spec, feed[n], symbols, name)
+    for symbol, uses in symbols.items():
+        if len({size for _, size in uses}) > 1:
+            where = ", ".join(f"{axis}={size}" for axis, size in uses)
+            report.add(SYMBOLIC_DIM.finding(
+                "feed", f"{symbol} differs between inputs ({where}); ONNX Runtime does not "
+                "check symbolic dims and will fail inside the graph", f"give every {symbol} "
+                "axis the same size", model=name))
+    return report
+
+
+def _check_names(report: Report, inputs: Dict, optional: set, feed: feeds_.Feed,
+                 name: str) -> None:
+    """Inputs the feed lacks, and keys the graph does not take (with the nearest name)."""
+    missing = [n for n in inputs if n not in feed]
+    for n in missing:
+        report.add(MISSING_INPUT.finding(
+            f"input:{n}", f"the graph needs {n} but the feed has no such key",
+            f"add {n} ({inputs[n].dtype}, shape {list(inputs[n].shape)}) to the feed",
+            expected=n, model=name,
+            ort_error=f"Required inputs (['{n}']) are missing from input feed"))
+    for key in feed:
+        if key in inputs or key in optional:
+            continue
+        near = difflib.get_close_matches(key, missing or list(inputs), n=1, cutoff=0.6)
+        fix = (f"rename the key to {near[0]} (or the input: sam-onnx repair --rename "
+               f"{near[0]}={key})" if near else
+               f"drop {key} from the feed: this graph takes {', '.join(inputs)}")
+        report.add(UNEXPECTED_INPUT.finding(
+            f"feed:{key}", f"the feed has {key}, which is not an input of the graph"
+            + (f" (did you mean {near[0]}?)" if near else ""), fix, actual=key, model=name,
+            ort_error=f"Invalid input name: {key}"))
+
+
+def _check_input(report: Report, spec, entry: feeds_.FeedEntry,
+                 symbols: Dict[str, List[Tuple[str, int]]], name: str) -> None:
+    """One input's dtype, rank and fixed dims; its symbolic dims' sizes go to ``symbols``."""
+    n = spec.name
+    if entry.dtype != spec.dtype:
+        report.add(DTYPE.finding(
+            f"input:{n}", f"{n} is fed as {entry.dtype}, the graph takes {spec.dtype}",
+            f"feed {n} as np.asarray(..., dtype=np.{spec.dtype})", expected=spec.dtype,
+            actual=entry.dtype, model=name,
+            ort_error=f"Unexpected input data type. Actual: ({_ort_type(entry.dtype)}) , "
+                      f"expected: ({_ort_type(spec.dtype)})"))
+    if len(entry.shape) != len(spec.shape):
+        scalar = " (a bare scalar)" if not entry.shape else ""
+        report.add(RANK.finding(
+            f"input:{n}", f"{n} has rank {len(entry.shape)}{scalar}, the graph takes rank "
+            f"{len(spec.shape)} {list(spec.shape)}",
+            f"reshape {n} to {list(spec.shape)}, e.g. np.array([x], dtype=np.float32)"
+            if not entry.shape else f"reshape {n} to {list(spec.shape)}",
+            expected=str(list(spec.shape)), actual=str(list(entry.shape)), model=name,
+            ort_error=f"Invalid rank for input: {n} Got: {len(entry.shape)} Expected: "
+                      f"{len(spec.shape)} Please fix either the inputs/outputs or the model."))
+        return
+    for axis, (want, got) in enumerate(zip(spec.shape, entry.shape)):
+        if isinstance(want, int) and want != got:
+            report.add(DIM.finding(
+                f"input:{n}", f"{n} has size {got} on axis {axis}, the graph fixes it at "
+                f"{want}", f"feed {n} with shape {list(spec.shape)}"
+                + (" or make the axis dynamic: sam-onnx repair --dynamic-points"
+                   if n in ("point_coords", "point_labels") else ""),
+                expected=str(list(spec.shape)), actual=str(list(entry.shape)), model=name,
+                ort_error=f"Got invalid dimensions for input: {n} for the following indices"
+                          f" index: {axis} Got: {got} Expected: {want}"))
+        elif isinstance(want, str):
+            symbols.setdefault(want, []).append((f"{n}[{axis}]", got))
+
+
+def validate(model: ModelSource, feed: Optional[feeds_.FeedSource] = None) -> Report:
+    """Validate one graph (a path or a ModelProto), optionally against a feed, without running
+    it (``sam_onnx.validate(..., run=True)`` also runs it)."""
+    report = Report()
+    if isinstance(model, onnx.ModelProto):
+        proto, path, name = model, None, model.graph.name or "<model>"
+    else:
+        path = Path(model)
+        name = str(path)
+        proto = read(path, report)
+        if proto is None:
+            return report
+        if _external_data(path, proto, report):
+            try:
+                onnx.checker.check_model(str(path))  # path-based: beyond 2 GB too
+            except Exception as exc:  # the checker raises several types on damaged graphs
+                report.add(CHECKER.finding("model", f"onnx.checker: {str(exc).splitlines()[0]}",
+                                           "export the model again", model=name))
+    _versions(proto, report, name)
+    _graph_inputs(proto, report, name)
+    _contracts(proto, report, name)
+    feed_entries = feeds_.load(feed) if feed is not None else None
+    if feed_entries is not None:
+        report.extend(check_feed(proto, feed_entries, name))
+    return report
+
+
+def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
+                  names: Sequence[str] = ("encoder", "decoder")) -> Report:
+    """An encoder's output must be what the decoder's image_embeddings takes, same model type."""
+    report = Report()
+    out = {t.name: t for t in signature.graph_outputs(encoder)}.get("image_embeddings") or \
+        (signature.graph_outputs(encoder) or [None])[0]
+    into = {t.name: t for t in signature.graph_inputs(decoder)}.get("image_embeddings")
+    if out is None or into is None:
+        report.add(PAIR_EMBEDDINGS.finding(
+            "pair", f"cannot pair: {names[0]} has no output or {names[1]} has no "
+            "image_embeddings input", "pass an encoder then a decoder", model=names[1]))
+        return report
+    if out.dtype != into.dtype or len(out.shape) != len(into.shape) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b
+            for a, b in zip(out.shape, into.shape)):
+        report.add(PAIR_EMBEDDINGS.finding(
+            "input:image_embeddings", f"{names[0]} returns {out.name} {out.dtype} "
+            f"{list(out.shape)}, {names[1]} takes {into.dtype} {list(into.shape)}",
+            "export both graphs from the same model and precision",
+            expected=f"{into.dtype} {list(into.shape)}", actual=f"{out.dtype} {list(out.shape)}",
+            model=names[1]))
+    types = [metadata.read(m).get("model_type") for m in (encoder, decoder)]
+    if all(types) and types[0] != types[1]:
+        report.add(PAIR_MODEL_TYPE.finding(
+            "pair", f"{names[0]} is {types[0]} but {names[1]} is {types[1]}: the decoder "
+            "would decode another model's embeddings", "use the encoder and decoder of one "
+            "export", expected=types[0], actual=types[1], model=names[1]))
+    if report.ok:
+        report.add(PAIR_OK.finding("pair", f"{names[0]}'s embeddings fit {names[1]}"
+                                   + (f" ({types[0]})" if types[0] else ""), model=names[1]))
+    return report
+
+
+__all__ = ["validate", "validate_pair", "check_feed", "RULES", "read", "Report"]

@@ -1,0 +1,330 @@
+"""``SamOnnxPredictor``: segment_anything's SamPredictor on ONNX Runtime, without torch.
+
+The decoder's contract is read from the graph (the metadata the exporter records, else its
+inputs and outputs) and the feed is built for exactly that contract; a feed the graph would
+refuse is refused first, with the validator's finding.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+import onnx
+
+from .. import families
+from ..core.contracts import EVERY_PROMPT, GraphContract
+from ..core.errors import SamOnnxError
+from ..families.base import Family
+from ..families.sam.contracts import DECODER_BATCHED, DECODER_LOWRES
+from ..graph import metadata, signature
+from ..graph import passes as repair_passes
+from ..graph.feeds import from_arrays
+from ..graph.validate import check_feed, validate_pair
+from . import transforms
+from .images import ImageLike, load_image
+from .sessions import Session, SessionConfig, create
+
+PathLike = Union[str, Path]
+
+
+def graph_contract(model: onnx.ModelProto, name: str) -> GraphContract:
+    """The contract a graph follows: recorded by the exporter, else matched by its signature."""
+    recorded = metadata.recorded_contract(model)
+    if recorded is not None and not signature.mismatches(model, recorded):
+        return recorded
+    nearest, problems = signature.nearest_contract(model)
+    if problems:
+        raise SamOnnxError(
+            f"{Path(name).name} follows no known contract (nearest {nearest.name}: "
+            f"{'; '.join(problems)}); run sam-onnx validate {name}, or sam-onnx repair "
+            f"--auto --feed {nearest.name}")
+    return nearest
+
+
+def graph_family(model: onnx.ModelProto, contract: GraphContract) -> Family:
+    """The family a graph belongs to: recorded by the exporter, else the one declaring the
+    contract its signature matches (another tool's export)."""
+    return families.of_graph(metadata.read(model)) or families.declaring(contract)
+
+
+def _read_graph(path: PathLike) -> onnx.ModelProto:
+    """The graph's protobuf only: its inputs are all the predictor checks against."""
+    return onnx.load(str(path), load_external_data=False)
+
+
+#: What the predictor takes from any decoder (the lowres contract's outputs, and the batched
+#: one's kept prompts); it upscales the logits itself.
+READ_OUTPUTS = tuple(dict.fromkeys(DECODER_LOWRES.output_names + DECODER_BATCHED.output_names))
+
+
+def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContract,
+                    bound: Dict[str, np.ndarray]):
+    """What a decoder session loads: the graph cut at the outputs the predictor reads (an
+    ``official`` graph's upscaling is left out: the predictor upscales in numpy, 3-6 ms
+    against the graph's 15 ms for vit_b at 1800x1200, measured) with the inputs ``bound``
+    made constants; the file itself when there is nothing to change."""
+    read = [name for name in contract.output_names if name in READ_OUTPUTS]
+    if len(read) == len(contract.output_names) and not bound:
+        return path
+    model = graph  # its weights are inside it, unless they live in a .data file beside it
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
+        try:
+            model = onnx.load(str(path))  # with its weights: a decoder is ~20 MB
+        except (OSError, onnx.checker.ValidationError) as exc:
+            raise SamOnnxError(f"cannot read the weights of {path} ({exc}); keep the files "
+                               "the exporter wrote together") from None
+    return repair_passes.bind_inputs(repair_passes.keep_outputs(model, read),
+                                     bound).SerializeToString()
+
+
+def _mask_prompt(mask_input: Optional[np.ndarray], size: int) -> Dict[str, np.ndarray]:
+    """The mask-prompt inputs of the decoders that take them; zeros when there is none."""
+    mask = np.zeros((1, 1, size, size), np.float32)
+    if mask_input is not None:
+        m = np.asarray(mask_input, dtype=np.float32)
+        if m.shape not in ((1, size, size), (1, 1, size, size)):
+            raise SamOnnxError(f"mask_input must be 1x{size}x{size} low-res logits (the third "
+                               f"value predict() returns); got {m.shape}")
+        mask[...] = m.reshape(mask.shape)
+    return {"mask_input": mask,
+            "has_mask_input": np.array([float(mask_input is not None)], np.float32)}
+
+
+#: How decoder sessions differ from the caller's config: no memory pattern (it plans for one
+#: prompt count: other counts made the first run 3x slower), and ONNX Runtime's BiasGelu
+#: fusion off: its kernel took 2 ms on the upscaler's 2 M values, where Add then Gelu take
+#: 1.2 (same outputs; vit_b decoder 18.4 -> 18.0 ms a prompt). The encoder is faster with it.
+DECODER_SESSION = dict(memory_pattern=False, disabled_optimizers=("BiasGeluFusion",))
+
+
+class SamOnnxPredictor:
+    """Mirrors ``segment_anything.SamPredictor``: set_image once, predict many prompts."""
+
+    #: Prompts per run of a batched decoder: its time per prompt is flat from 8 to 128
+    #: prompts (measured), its memory is not (~8 MB of activations per prompt).
+    decoder_batch = 16
+
+    def __init__(self, encoder: Optional[PathLike], decoder: PathLike,
+                 config: SessionConfig = SessionConfig()) -> None:
+        self._decoder_graph = _read_graph(decoder)
+        self.decoder_contract = graph_contract(self._decoder_graph, str(decoder))
+        if self.decoder_contract.role != "decoder":
+            raise SamOnnxError(f"{decoder} is an {self.decoder_contract.role}, not a decoder")
+        #: What the graphs' family declares: pre-processing, mask size and threshold.
+        self.family = graph_family(self._decoder_graph, self.decoder_contract)
+        self._low_res_size = self.family.postprocess.low_res_size
+        self._num_masks = int(self.decoder_contract.output("iou_predictions").shape[-1])
+        # Prompts without a mask run a session with the mask inputs bound to "no mask",
+        # whose mask branch ONNX Runtime folds away at load (vit_b: 17.6 -> 16.2 ms a
+        # prompt, measured); a mask prompt runs the whole graph, in a session made for it
+        # the first time one comes.
+        self._decoder_path = decoder
+        self._session_config = dataclasses.replace(config, **DECODER_SESSION)
+        self._no_mask = {name: value for name, value in
+                         _mask_prompt(None, self._low_res_size).items()
+                         if name in self.decoder_contract.input_names}
+        self.decoder: Session = self._decoder_session(self._no_mask)
+        self._mask_decoder: Optional[Session] = None
+        self.encoder: Optional[Session] = None
+        if encoder is not None:
+            encoder_graph = _read_graph(encoder)
+            if graph_contract(encoder_graph, str(encoder)).role != "encoder":
+                raise SamOnnxError(f"{encoder} is not an image encoder")
+            _require_pair(encoder_graph, self._decoder_graph, (str(encoder), str(decoder)))
+            self.encoder = create(encoder, config)
+        self.reset_image()
+
+    def _decoder_session(self, bound: Dict[str, np.ndarray]) -> Session:
+        return create(_decoder_source(self._decoder_path, self._decoder_graph,
+                                      self.decoder_contract, bound),
+                      self._session_config, name=Path(self._decoder_path).name)
+
+    # -- image ---------------------------------------------------------------------------
+    def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
+        """Compute the image embedding once; prompts then only run the decoder."""
+        if self.encoder is None:
+            raise SamOnnxError("this predictor has no encoder; load_embedding() instead")
+        rgb = load_image(image, image_format)
+        x, self.input_size = transforms.image_to_input(rgb, self.family.preprocess)
+        self.original_size = rgb.shape[:2]
+        # once per image: its ~1.6 GB (vit_b) of activations go back rather than stay with
+        # the encoder while the decoder runs
+        self.features = self.encoder.run(None, {self.encoder.input_names[0]: x},
+                                         release_memory=True)[0]
+        self.is_image_set = True
+
+    def get_image_embedding(self) -> np.ndarray:
+        self._require_image()
+        return self.features
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features = None
+        self.original_size = self.input_size = None
+
+    def save_embedding(self, path: PathLike) -> None:
+        """Keep the encoder's work: an .npz that load_embedding() reads back."""
+        self._require_image()
+        np.savez(path, image_embeddings=self.features, original_size=self.original_size,
+                 input_size=self.input_size)
+
+    def load_embedding(self, path: PathLike) -> None:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                self.features = data["image_embeddings"]
+                self.original_size = tuple(int(v) for v in data["original_size"])
+                self.input_size = tuple(int(v) for v in data["input_size"])
+        except (OSError, KeyError, ValueError) as exc:
+            raise SamOnnxError(f"cannot read embedding {path} ({exc}); write it with "
+                               "save_embedding()") from None
+        self.is_image_set = True
+
+    def _require_image(self) -> None:
+        if not self.is_image_set:
+            raise SamOnnxError("no image: call set_image() (or load_embedding()) before this")
+
+    # -- prompts -------------------------------------------------------------------------
+    def predict(self, point_coords: Optional[np.ndarray] = None,
+                point_labels: Optional[np.ndarray] = None, box: Optional[np.ndarray] = None,
+                mask_input: Optional[np.ndarray] = None, multimask_output: bool = True,
+                return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As SamPredictor.predict: (masks CxHxW, scores C, low-res logits Cx256x256)."""
+        self._require_image()
+        coords, labels = self._prompt(point_coords, point_labels, box)
+        outputs = self._run(self._feed(coords[None], labels[None], mask_input))
+        picked = _mask_slice(multimask_output)
+        low_res, scores = outputs["low_res_masks"][0][picked], outputs["iou_predictions"][0][picked]
+        masks = transforms.postprocess_masks(
+            low_res, self.input_size, self.original_size, self.family.preprocess.image_size,
+            threshold=None if return_logits else self.family.postprocess.mask_threshold)
+        return masks, scores, low_res
+
+    def predict_batch(self, point_coords: np.ndarray, point_labels: np.ndarray,
+                      multimask_output: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+        """Many point prompts at once, as SamPredictor.predict_torch without boxes (the
+        padding point is added): coords (B, N, 2) in the original image's pixels, labels
+        (B, N) -> low-res logits (B, C, 256, 256) and scores (B, C); no upscaling.
+
+        A ``batched`` decoder takes many prompts in one run; other decoders one per run."""
+        low_res, scores, _ = self.predict_batch_filtered(
+            point_coords, point_labels, EVERY_PROMPT, multimask_output)
+        return low_res, scores
+
+    def predict_batch_filtered(self, point_coords: np.ndarray, point_labels: np.ndarray,
+                               pred_iou_thresh: float, multimask_output: bool = True
+                               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As predict_batch, but logits only for the prompts with a score above
+        ``pred_iou_thresh``: (logits (K, C, 256, 256), scores (B, C), the K prompts' indices,
+        increasing).
+
+        A ``batched`` decoder then skips the upscaler, half of a prompt's time, for the others:
+        the automatic mask generator drops their masks unseen."""
+        self._require_image()
+        coords = np.asarray(point_coords, np.float64)
+        labels = np.asarray(point_labels, np.float64)
+        if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
+            raise SamOnnxError(f"point_coords must be BxNx2 and point_labels BxN; got "
+                               f"{coords.shape} and {labels.shape}")
+        b = len(coords)
+        coords = np.concatenate([self._apply_coords(coords),
+                                 np.zeros((b, 1, 2))], axis=1)
+        labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
+        picked = _mask_slice(multimask_output)
+        step = self.decoder_batch if self.decoder_contract.name == "batched" else 1
+        scores = np.empty((b, len(range(self._num_masks)[picked])), np.float32)
+        low_res, kept = [], []
+        for i in range(0, b, step):  # bounded runs: same speed per prompt, less memory
+            out = self._run(self._feed(coords[i:i + step], labels[i:i + step], None,
+                                       pred_iou_thresh))
+            scores[i:i + step] = out["iou_predictions"][:, picked]
+            # the graph keeps a prompt for any of its four scores; here only the picked count
+            # (a NaN score is not "at or below", so it is kept, as in the graph)
+            rows = out.get("kept_prompts", np.arange(len(out["iou_predictions"])))
+            passed = ~(scores[i + rows] <= pred_iou_thresh).all(axis=1)
+            low_res.append(out["low_res_masks"][passed, picked])
+            kept.append(i + rows[passed])
+        return np.concatenate(low_res), scores, np.concatenate(kept)
+
+    def _run(self, feed):
+        problems = check_feed(self._decoder_graph, from_arrays(feed)).errors
+        if problems:
+            raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
+        names = [n for n in self.decoder_contract.output_names if n in READ_OUTPUTS]
+        if any(not np.array_equal(feed[name], value) for name, value in self._no_mask.items()):
+            if self._mask_decoder is None:
+                self._mask_decoder = self._decoder_session({})
+            return dict(zip(names, self._mask_decoder.run(names, feed)))
+        unbound = {k: v for k, v in feed.items() if k not in self._no_mask}
+        return dict(zip(names, self.decoder.run(names, unbound)))
+
+    def _prompt(self, point_coords, point_labels, box):
+        h, w = self.original_size
+        parts, labels = [], []
+        if (point_coords is None) != (point_labels is None):
+            raise SamOnnxError("point_coords and point_labels go together: pass both or neither")
+        if point_coords is not None:
+            coords = np.asarray(point_coords, dtype=np.float64)
+            lab = np.asarray(point_labels, dtype=np.float64)
+            if coords.ndim != 2 or coords.shape[1] != 2 or lab.shape != (coords.shape[0],):
+                raise SamOnnxError(f"point_coords must be Nx2 and point_labels N; got "
+                                   f"{coords.shape} and {lab.shape}")
+            if not set(np.unique(lab)) <= {-1.0, 0.0, 1.0, 2.0, 3.0}:
+                raise SamOnnxError(f"point_labels must be -1..3 (1 foreground, 0 background); "
+                                   f"got {sorted(set(np.unique(lab)))}")
+            parts.append(coords)
+            labels.append(lab)
+        if box is not None:
+            b = np.asarray(box, dtype=np.float64).reshape(-1)
+            if b.shape != (4,):
+                raise SamOnnxError(f"box must be x0, y0, x1, y1; got shape "
+                                   f"{np.shape(box)}")
+            parts.append(b.reshape(2, 2))
+            labels.append(np.array([2.0, 3.0]))
+        if not parts:
+            raise SamOnnxError("give a prompt: point_coords with point_labels, and/or a box")
+        coords, lab = np.concatenate(parts), np.concatenate(labels)
+        if not np.isfinite(coords).all():
+            raise SamOnnxError("prompt coordinates contain NaN or Inf")
+        if (coords[:, 0] < -w).any() or (coords[:, 0] > 2 * w).any() or \
+                (coords[:, 1] < -h).any() or (coords[:, 1] > 2 * h).any():
+            raise SamOnnxError(f"prompt coordinates far outside the {w}x{h} image: "
+                               f"{coords.min(0).tolist()} .. {coords.max(0).tolist()}; they "
+                               "are (x, y) in the original image's pixels")
+        if box is None:  # SamPredictor pads with a point when there is no box
+            coords = np.concatenate([coords, [[0.0, 0.0]]])
+            lab = np.concatenate([lab, [-1.0]])
+        return self._apply_coords(coords), lab
+
+    def _apply_coords(self, coords: np.ndarray) -> np.ndarray:
+        return transforms.apply_coords(coords, self.original_size,
+                                       self.family.preprocess.image_size)
+
+    def _feed(self, coords, labels, mask_input, pred_iou_thresh: float = EVERY_PROMPT):
+        """The decoder's inputs, by its contract, for (B, N, 2) coords in the 1024 frame."""
+        if mask_input is not None and "mask_input" not in self.decoder_contract.input_names:
+            raise SamOnnxError(f"this {self.decoder_contract.name} decoder takes no mask_input; "
+                               "refine with an official or lowres decoder")
+        values = {
+            "image_embeddings": self.features,
+            "point_coords": coords.astype(np.float32),
+            "point_labels": labels.astype(np.float32),
+            **_mask_prompt(mask_input, self._low_res_size),
+            "orig_im_size": np.array(self.original_size, np.float32),
+            "pred_iou_thresh": np.array([pred_iou_thresh], np.float32),
+        }
+        return {name: values[name] for name in self.decoder_contract.input_names}
+
+
+def _require_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto, names) -> None:
+    """Refuse an encoder and decoder that do not belong together (another model's or size's
+    embeddings decode into masks that mean nothing), as validate reports them."""
+    errors = validate_pair(encoder, decoder, names).errors
+    if errors:
+        raise SamOnnxError(f"{errors[0].message}; {errors[0].fix}")
+
+
+def _mask_slice(multimask_output: bool) -> slice:
+    """SamPredictor's choice: the three multimask outputs, or the single-mask token."""
+    return slice(1, None) if multimask_output else slice(0, 1)

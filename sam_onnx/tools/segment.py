@@ -1,0 +1,132 @@
+"""``sam-onnx segment``: the automatic mask generator over many images, writing per image a
+COCO-style JSON of masks and an overlay PNG.
+
+One generator (and so one pair of ONNX Runtime sessions) serves every image a process
+handles; with ``workers`` > 1 the images are shared among processes, each with its share
+of the CPU threads.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+from ..core.errors import SamOnnxError
+from ..core.files import atomic_write
+from ..runtime import amg
+from ..runtime.images import load_image
+from ..runtime.render import save_masks_overlay
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    encoder: Path
+    decoder: Path
+    out_dir: Path
+    generator: Dict  # SamOnnxAutomaticMaskGenerator keyword arguments
+    providers: Sequence[str] = ("cuda", "cpu")
+    threads: int = 0
+
+
+def find_images(inputs: Iterable[Path]) -> List[Path]:
+    """Files as given, folders expanded to the images directly inside them (sorted)."""
+    images = []
+    for path in map(Path, inputs):
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SamOnnxError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            images += found
+        elif path.exists():
+            images.append(path)
+        else:
+            raise SamOnnxError(f"{path} does not exist; give image files or folders of images")
+    stems: Dict[str, Path] = {}
+    for path in images:
+        if path.stem in stems:
+            raise SamOnnxError(f"{stems[path.stem]} and {path} would both write "
+                               f"{path.stem}.json; segment them into different --out folders")
+        stems[path.stem] = path
+    return images
+
+
+def coco_record(image: Path, size, records: List[Dict]) -> Dict:
+    """A COCO-style document: the image, then one annotation per mask (compressed RLE)."""
+    h, w = size
+    return {
+        "image": {"file_name": image.name, "height": h, "width": w},
+        "annotations": [{"id": i, **r} for i, r in enumerate(records)],
+    }
+
+
+def _write_json(doc: Dict, path: Path) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(doc) + "\n"),
+                 "pick a writable --out folder")
+
+
+class Segmenter:
+    """One process's generator; segment() writes one image's JSON and overlay."""
+
+    def __init__(self, job: SegmentJob) -> None:
+        from ..runtime.automatic import SamOnnxAutomaticMaskGenerator
+        from ..runtime.predictor import SamOnnxPredictor
+        from ..runtime.sessions import SessionConfig
+
+        config = SessionConfig(providers=tuple(job.providers), intra_op_threads=job.threads)
+        self.job = job
+        self.generator = SamOnnxAutomaticMaskGenerator(
+            SamOnnxPredictor(job.encoder, job.decoder, config),
+            output_mode="coco_rle", **job.generator)
+
+    def segment(self, image: Path,
+                progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+        rgb = load_image(image)
+        records = self.generator.generate(rgb, progress=progress)
+        out = Path(self.job.out_dir)
+        _write_json(coco_record(image, rgb.shape[:2], records), out / f"{image.stem}.json")
+        masks = (amg.rle_to_mask(amg.coco_decode_rle(r["segmentation"])) for r in records)
+        save_masks_overlay(rgb, masks, out / f"{image.stem}.png")
+        return {"image": str(image), "masks": len(records)}
+
+
+_WORKER: Optional[Segmenter] = None
+
+
+def _init_worker(job: SegmentJob) -> None:
+    global _WORKER
+    _WORKER = Segmenter(job)
+
+
+def _segment_in_worker(image: Path) -> Dict:
+    return _WORKER.segment(image)
+
+
+def segment_images(images: Sequence[Path], job: SegmentJob, workers: int = 1,
+                   on_image: Optional[Callable[[Dict], None]] = None,
+                   on_batch: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
+    """Segment every image; ``on_image`` after each one, ``on_batch`` after each batch of
+    prompts (in this process only)."""
+    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+    results = []
+    if workers <= 1:
+        segmenter = Segmenter(job)
+        for image in images:
+            results.append(segmenter.segment(image, on_batch))
+            if on_image:
+                on_image(results[-1])
+        return results
+    import multiprocessing
+
+    threads = job.threads or max(1, (os.cpu_count() or 1) // workers)
+    job = SegmentJob(**{**job.__dict__, "threads": threads})
+    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (job,)) as pool:
+        for result in pool.imap(_segment_in_worker, images):
+            results.append(result)
+            if on_image:
+                on_image(result)
+    return results
+

@@ -1,0 +1,83 @@
+"""``sam_onnx.validate``: the graph layer's rules, and with ``run=True`` one real inference, its
+ONNX Runtime error mapped to a rule, and a look at the outputs for NaN/Inf."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import onnx
+
+from ..graph import feeds as feeds_
+from ..graph import signature
+from ..graph import validate as validator
+from ..graph.findings import Report
+from ..runtime.sessions import SessionConfig, create
+
+#: ONNX Runtime's messages and the rule each belongs to.
+_ORT_ERRORS = (
+    (re.compile(r"Required inputs .* are missing"), validator.MISSING_INPUT),
+    (re.compile(r"Invalid input name"), validator.UNEXPECTED_INPUT),
+    (re.compile(r"Unexpected input data type"), validator.DTYPE),
+    (re.compile(r"Invalid rank for input"), validator.RANK),
+    (re.compile(r"Got invalid dimensions for input"), validator.DIM),
+    (re.compile(r"Unsupported model IR version"), validator.IR_TOO_NEW),
+    (re.compile(r"opset"), validator.OPSET_TOO_NEW),
+)
+
+
+def synthesize(model: onnx.ModelProto, feed: Optional[feeds_.Feed]) -> dict:
+    """Arrays to run with: the feed's own, else zeros of its described dtypes and shapes,
+    else what the matching contract's wrapper builds, else zeros of the graph's inputs."""
+    if feed is not None:
+        return {n: e.array if e.array is not None else np.zeros(e.shape, e.dtype)
+                for n, e in feed.items()}
+    contract, problems = signature.nearest_contract(model)
+    if not problems:
+        return feeds_.example_arrays(contract)
+    return {t.name: np.zeros([d if isinstance(d, int) else feeds_.SYMBOL_VALUES.get(d, 1)
+                              for d in t.shape], dtype=t.dtype)
+            for t in signature.graph_inputs(model)}
+
+
+def validate(model: validator.ModelSource, feed: Optional[feeds_.FeedSource] = None, *,
+             run: bool = False) -> Report:
+    """Validate one graph (a path or a ModelProto), optionally against a feed and by running it."""
+    report = validator.validate(model, feed)
+    if run and report.ok:
+        if isinstance(model, onnx.ModelProto):
+            source, proto, name = model, model, model.graph.name or "<model>"
+        else:
+            source, name = Path(model), str(model)
+            proto = onnx.load(name, load_external_data=False)
+        entries = feeds_.load(feed) if feed is not None else None
+        report.extend(run_once(source, proto, entries, name))
+    return report
+
+
+def run_once(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto,
+             feed: Optional[feeds_.Feed], name: str) -> Report:
+    report = Report()
+    arrays = synthesize(model, feed)
+    try:
+        data = source if isinstance(source, Path) else source.SerializeToString()
+        session = create(data, SessionConfig(providers=("cpu",)))
+        outputs = session.run(None, arrays)
+    except Exception as exc:  # ONNX Runtime raises several types; map by message
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        rule = next((r for pattern, r in _ORT_ERRORS if pattern.search(text)),
+                    validator.RUN_FAILED)
+        report.add(rule.finding("model", f"ONNX Runtime refused to run: {text}",
+                                "see the other findings for this rule's fix", ort_error=text,
+                                model=name))
+        return report
+    for out_name, value in zip(session.output_names, outputs):
+        bad = int(np.size(value) - np.isfinite(value).sum()) if np.issubdtype(
+            np.asarray(value).dtype, np.floating) else 0
+        if bad:
+            report.add(validator.NON_FINITE.finding(
+                f"output:{out_name}", f"{bad} NaN/Inf value(s) in {out_name} "
+                f"{list(np.shape(value))}", "check the inputs' values and the export "
+                "(e.g. fp16 overflow)", model=name))
+    return report
