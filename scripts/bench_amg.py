@@ -1,4 +1,4 @@
-"""Benchmark automatic mask generation: segment_anything's generator in PyTorch and
+"""Benchmark automatic mask generation: the family's own generator in PyTorch and
 SamOnnxAutomaticMaskGenerator on ONNX Runtime, side by side in one run, same image and weights.
 
 Every run is a fresh process (so its peak RSS is its own), the pipelines alternate within each
@@ -51,12 +51,12 @@ def child(args) -> None:
     start = time.perf_counter()
     settings = json.loads(args.settings)
     if args.pipeline == "torch":
-        from segment_anything import SamAutomaticMaskGenerator
-
         from sam_onnx.exporter.checkpoints import build, load_state_dict
+        from sam_onnx.families import family_of
 
         sam = build(args.model, load_state_dict(Path(args.checkpoint)))
-        gen = SamAutomaticMaskGenerator(sam, output_mode="uncompressed_rle", **settings)
+        side = family_of(args.model).torch()  # the family's own generator (mobile_sam's...)
+        gen = side.SamAutomaticMaskGenerator(sam, output_mode="uncompressed_rle", **settings)
     else:
         from sam_onnx.runtime.automatic import SamOnnxAutomaticMaskGenerator
         from sam_onnx.runtime.predictor import SamOnnxPredictor
@@ -188,7 +188,8 @@ def main() -> None:
     variants = {"onnx fp32": (enc, out / f"{name}.onnx"),
                 "onnx int8 encoder": (enc8, out / f"{name}.onnx"),
                 "onnx int8": (enc8, out / f"{name}.int8.onnx")}
-    results = {"model": args.model, "weights": "random (segment_anything builders, saved .pth)",
+    results = {"model": args.model,
+               "weights": "random (the family's own builders, saved checkpoint)",
                "runs": []}
     tmp = Path(tempfile.mkdtemp())
     for image, setting_name, settings, torch_repeat, repeat in _plans(args, tmp, enc,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 
 def random_checkpoint(model_type: str, folder: Path) -> Path:
-    """Save random weights built by segment_anything as a real checkpoint file (once)."""
+    """Save random weights built by the family's own builder as a real checkpoint file (once)."""
     path = folder / f"random_{model_type}.pth"
     if not path.exists():
         folder.mkdir(parents=True, exist_ok=True)

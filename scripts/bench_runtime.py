@@ -2,7 +2,8 @@
 
 Encoder latency: ONNX Runtime vs torch eager vs this machine's fp32 GEMM floor (encoder FLOPs,
 counted by torch's FlopCounterMode, over the fp32 matmul rate measured in the same run).
-One prompt: SamOnnxPredictor.predict vs SamPredictor.predict, upscaling to the image included.
+One prompt: SamOnnxPredictor.predict vs the family's own SamPredictor.predict, upscaling to the
+image included.
 
     python scripts/bench_runtime.py --model vit_b --image ../shared/data/images/truck.jpg
 """
@@ -43,7 +44,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
 
-    from segment_anything import SamPredictor
     from torch.utils.flop_counter import FlopCounterMode
 
     import sam_onnx
@@ -63,7 +63,8 @@ def main() -> None:
         sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out)
     sam = build(args.model, load_state_dict(ckpt))
     image = load_image(args.image)
-    x, _ = transforms.image_to_input(image, sam_onnx.families.family_of(args.model).preprocess)
+    family = sam_onnx.families.family_of(args.model)
+    x, _ = transforms.image_to_input(image, family.preprocess)
 
     rate = gemm_rate()
     with FlopCounterMode(display=False) as counter, torch.inference_mode():
@@ -81,7 +82,7 @@ def main() -> None:
     onnx_pred = SamOnnxPredictor(out / f"{args.model}_encoder.onnx",
                                  out / f"{args.model}_decoder_official.onnx",
                                  SessionConfig(providers=("cpu",)))
-    torch_pred = SamPredictor(sam)
+    torch_pred = family.torch().SamPredictor(sam)  # the family's own (mobile_sam's for vit_t)
     enc_onnx = median_time(lambda: onnx_pred.encoder.run(None, {"image": x}), args.repeat)
     with torch.inference_mode():
         enc_torch = median_time(lambda: sam.image_encoder(torch.from_numpy(x)), args.repeat)

@@ -6,7 +6,8 @@ import torch
 
 from sam_onnx.core.errors import CheckpointError
 from sam_onnx.exporter.checkpoints import build, load_state_dict, load_weights, official_checkpoint
-from sam_onnx.families.sam import MODEL_SPECS, identify
+from sam_onnx.families import identify
+from sam_onnx.families.sam import MODEL_SPECS
 from sam_onnx.families.sam.modeling import _build
 
 

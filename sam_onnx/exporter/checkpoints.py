@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Mapping, Optional
 
 from ..core.errors import CheckpointError
-from ..families import family_of
+from ..families import family_of, identify
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ def build(model_type: str, state: Optional[Mapping] = None, seed: int = 0,
     is None. A state_dict of another model is refused, naming the model its shapes tell."""
     family = family_of(model_type)
     if state is not None:
-        found = family.identify(state, Path(source))
+        found = identify(state, Path(source))
         if found != model_type:
             raise CheckpointError(
                 f"{source} is a {found} checkpoint, not {model_type}: pass --model {found}")

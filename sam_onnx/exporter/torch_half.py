@@ -48,8 +48,7 @@ def run(job: Job) -> Staged:
 def _run(job: Job, weights: Weights, stage: Stages) -> Staged:
     contracts = [get_contract(name) for name in job.contracts]
     side = family_of(job.model_type).torch()  # the family's builders, wrappers and reference
-    with side.chunked_attention(side.REFERENCE_CHUNK_ELEMENTS), \
-            stage("PyTorch reference outputs"):
+    with side.reference_context(), stage("PyTorch reference outputs"):
         checks = _reference_checks(side, weights.sam, contracts)
     paths, records = {}, {}
     for contract in contracts:
@@ -97,7 +96,7 @@ def _export_encoder(side, sam, contract: GraphContract, path: Path, opset: int) 
     """torch.export-based exporter with external data: the only one that fits vit_h in memory."""
     (spec,) = contract.inputs
     example = torch.zeros(spec.shape, dtype=torch.float32)
-    with _quiet(), side.chunked_attention(side.EXPORT_CHUNK_ELEMENTS):
+    with _quiet(), side.export_context():
         program = torch.onnx.export(side.encoder_module(sam), (example,), dynamo=True,
                                     optimize=False,
                                     opset_version=opset, input_names=list(contract.input_names),

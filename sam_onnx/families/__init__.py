@@ -6,14 +6,16 @@ line in ``FAMILIES``.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Dict, Mapping, Optional, Tuple
 
 from ..core.contracts import GraphContract
-from ..core.errors import SamOnnxError
+from ..core.errors import CheckpointError, SamOnnxError
 from .base import Family, by_name
+from .mobile_sam import MOBILE_SAM
 from .sam import SAM
 
-FAMILIES: Dict[str, Family] = {f.name: f for f in (SAM,)}
+FAMILIES: Dict[str, Family] = {f.name: f for f in (SAM, MOBILE_SAM)}
 
 #: Model name -> its family.
 MODELS: Dict[str, Family] = {m: f for f in FAMILIES.values() for m in f.models}
@@ -34,6 +36,20 @@ def get_contract(name: str) -> GraphContract:
     return by_name(CONTRACTS, name, "contract")
 
 
+def identify(state: Mapping, path: Path = Path("checkpoint")) -> str:
+    """The model a checkpoint's tensors are: the family whose ``keys`` it has tells its size."""
+    for family in FAMILIES.values():
+        if all(key in state for key in family.keys):
+            return family.identify(state, path)
+    sample = ", ".join(list(state)[:3]) or "nothing"
+    known = "; ".join(f"{f.name}: {f.keys[0]}" for f in FAMILIES.values())
+    examples = " or ".join(next(c for c in f.checkpoints.values() if c)
+                           for f in FAMILIES.values())
+    raise CheckpointError(
+        f"{path} is not a SAM checkpoint of any family sam-onnx knows (it holds {sample}...; "
+        f"none of {known}); pass one such as {examples}")
+
+
 def declaring(contract: GraphContract) -> Family:
     """The family that declares ``contract`` (matched by name)."""
     return next(f for f in FAMILIES.values() if contract.name in f.contracts)
@@ -52,4 +68,4 @@ def of_graph(record: Mapping) -> Optional[Family]:
 
 
 __all__ = ["FAMILIES", "MODELS", "MODEL_NAMES", "CONTRACTS", "DECODER_CONTRACTS", "Family",
-           "family_of", "get_contract", "declaring", "of_graph"]
+           "family_of", "get_contract", "identify", "declaring", "of_graph"]

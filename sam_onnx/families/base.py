@@ -35,8 +35,10 @@ class Family:
     contracts: Mapping[str, GraphContract]
     preprocess: Preprocess
     postprocess: Postprocess
-    #: (state_dict, where it came from) -> model name, or a CheckpointError saying what it is;
-    #: reads tensor names and shapes only (no torch needed).
+    #: Tensor names every checkpoint of the family has: how the registry tells families apart.
+    keys: Tuple[str, ...]
+    #: (state_dict with ``keys``, where it came from) -> model name, or a CheckpointError
+    #: saying what it is; reads tensor names and shapes only (no torch needed).
     identify: Callable[[Mapping, Path], str]
     #: The module of builders, export wrappers and the PyTorch reference.
     torch_side: str

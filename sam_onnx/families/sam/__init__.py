@@ -36,18 +36,13 @@ MODEL_SPECS: Dict[str, ModelSpec] = {
 
 PATCH_EMBED = "image_encoder.patch_embed.proj.weight"
 _BLOCK = re.compile(r"^image_encoder\.blocks\.(\d+)\.")
-_REQUIRED = (PATCH_EMBED, "mask_decoder.iou_token.weight", "prompt_encoder.no_mask_embed.weight")
+#: The tensors every SAM v1 checkpoint has (a ViT patch embedding, SAM's prompt and mask heads).
+KEYS = (PATCH_EMBED, "mask_decoder.iou_token.weight", "prompt_encoder.no_mask_embed.weight")
 
 
 def identify(state: Mapping, path: Path = Path("checkpoint")) -> str:
-    """The model type whose shapes the state_dict has, or a CheckpointError saying what it is."""
-    missing = [k for k in _REQUIRED if k not in state]
-    if missing:
-        sample = ", ".join(list(state)[:3]) or "nothing"
-        raise CheckpointError(
-            f"{path} is not a SAM checkpoint (no {missing[0]}; it holds {sample}...); "
-            "pass a segment-anything checkpoint such as sam_vit_b_01ec64.pth"
-        )
+    """The model type whose shapes the state_dict (which has ``KEYS``) has, or a
+    CheckpointError saying what it is."""
     embed_dim = int(state[PATCH_EMBED].shape[0])
     depth = len({int(m.group(1)) for k in state if (m := _BLOCK.match(k))})
     for name, spec in MODEL_SPECS.items():
@@ -67,6 +62,7 @@ SAM = Family(
     contracts=CONTRACTS,
     preprocess=PREPROCESS,
     postprocess=POSTPROCESS,
+    keys=KEYS,
     identify=identify,
     torch_side="sam_onnx.families.sam.modeling",
     torch_requires=(("torch", "torch"), ("segment_anything", "segment-anything")),

@@ -52,7 +52,7 @@ _LOW_RES_MASKS = TensorSpec(
 ENCODER = GraphContract(
     name="encoder",
     role="encoder",
-    doc="SAM's ViT image encoder on one pre-processed image.",
+    doc="The image encoder (SAM's ViT; MobileSAM's TinyViT) on one pre-processed image.",
     inputs=(
         TensorSpec(
             "image",

@@ -23,9 +23,9 @@ from . import MODEL_SPECS, reference
 from .contracts import IMAGE_SIZE
 from .fast_decoder import BatchedDecoder, image_pe, predict_masks
 
-__all__ = ["build", "encoder_module", "decoder_module", "chunked_attention", "reference",
-           "SamPredictor", "SamAutomaticMaskGenerator", "REFERENCE_CHUNK_ELEMENTS",
-           "EXPORT_CHUNK_ELEMENTS"]
+#: What every family's PyTorch side provides (the exporter, check and bench use only these).
+__all__ = ["build", "encoder_module", "decoder_module", "reference_context", "export_context",
+           "reference", "SamPredictor", "SamAutomaticMaskGenerator"]
 
 #: Attention scores held at once, in fp32 elements: one vit_h head (64 MB) in PyTorch, which
 #: runs a chunk at a time; four heads (256 MB) in the exported graph, where ONNX Runtime may
@@ -87,6 +87,16 @@ def _chunked_attention_forward(self, x: torch.Tensor, chunk_elements: int) -> to
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     x = out.view(B, self.num_heads, H, W, -1).permute(0, 2, 3, 1, 4).reshape(B, H, W, -1)
     return self.proj(x)
+
+
+def reference_context():
+    """Around the PyTorch reference runs: the encoder's attention a head at a time."""
+    return chunked_attention(REFERENCE_CHUNK_ELEMENTS)
+
+
+def export_context():
+    """Around the encoder's export: four heads at a time in the graph."""
+    return chunked_attention(EXPORT_CHUNK_ELEMENTS)
 
 
 @contextlib.contextmanager

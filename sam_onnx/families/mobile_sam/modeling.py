@@ -1,0 +1,51 @@
+"""MobileSAM's PyTorch side: mobile_sam's builder and reference predictors; the decoder
+wrappers are SAM's (``families.sam.modeling``: the same prompt encoder and mask decoder), the
+encoder is mobile_sam's TinyViT as it is.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Mapping, Optional
+
+import torch
+
+with warnings.catch_warnings():  # timm's deprecation and registry chatter on import
+    warnings.simplefilter("ignore")
+    from mobile_sam import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
+
+from ...core.errors import CheckpointError
+from ..sam import reference
+from ..sam.modeling import decoder_module
+
+__all__ = ["build", "encoder_module", "decoder_module", "reference_context", "export_context",
+           "reference", "SamPredictor", "SamAutomaticMaskGenerator"]
+
+
+def build(model_type: str, state: Optional[Mapping] = None, seed: int = 0):
+    """MobileSAM through mobile_sam's builder; seeded random weights when ``state`` is None.
+
+    Built on the CPU, not the meta device as SAM is: TinyViT keeps buffers outside its
+    state_dict (attention bias indices) that must be real; the model is ~10 M parameters."""
+    torch.manual_seed(seed)
+    sam = sam_model_registry[model_type](checkpoint=None)
+    if state is not None:
+        try:
+            sam.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"the checkpoint does not fit {model_type}: {first}") from None
+    return sam.eval()
+
+
+def encoder_module(sam) -> torch.nn.Module:
+    return sam.image_encoder
+
+
+def reference_context():
+    """TinyViT's windowed attention holds little at once: nothing to bound."""
+    return contextlib.nullcontext()
+
+
+def export_context():
+    return contextlib.nullcontext()
