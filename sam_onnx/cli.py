@@ -15,7 +15,7 @@ import click
 
 from .core import logs
 from .core.errors import SamOnnxError
-from .families import DECODER_CONTRACTS, MODEL_NAMES
+from .families import CONTRACTS, DECODER_CONTRACTS, MODEL_NAMES
 
 
 def _expected_errors(fn):
@@ -143,9 +143,11 @@ def validate(models, feed, run_, fmt) -> None:
 
     if feed is not None:
         try:
-            feed = feeds.load(feed)
+            loaded = feeds.load(feed)
         except SamOnnxError as exc:  # a wrong argument: exit 2, as click's usage errors
             raise click.BadParameter(str(exc), param_hint="--feed") from None
+        # a contract name is made into a feed per graph (with the model's recorded dims)
+        feed = feed if feed in CONTRACTS else loaded
     report, protos = Report(), []
     for model in models:
         one = run_validate(model, feed=feed, run=run_)

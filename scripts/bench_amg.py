@@ -125,15 +125,16 @@ def parity(reference: Path, records: Path):
     return compare_records(masks(reference), masks(records))
 
 
-def _current(decoder: Path) -> bool:
+def _current(decoder: Path, model: str) -> bool:
     """Whether a decoder exported by an earlier run still follows the batched contract."""
     import onnx
 
-    from sam_onnx.families.sam.contracts import DECODER_BATCHED
+    from sam_onnx.families import family_of, get_contract
     from sam_onnx.graph.signature import mismatches
 
+    contract = get_contract(family_of(model).decoder_contract("batched"))
     return decoder.exists() and not mismatches(onnx.load(str(decoder), load_external_data=False),
-                                               DECODER_BATCHED)
+                                               contract)
 
 
 def _plans(args, tmp: Path, encoder: Path, decoder: Path):
@@ -173,14 +174,15 @@ def main() -> None:
         return child(args)
 
     import sam_onnx
+    from sam_onnx.families import family_of
 
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_export import random_checkpoint
 
     ckpt = random_checkpoint(args.model, args.work)
     out = args.work / f"amg-{args.model}"
-    name = f"{args.model}_decoder_batched"
-    if not _current(out / f"{name}.int8.onnx"):
+    name = f"{args.model}_decoder_{family_of(args.model).decoder_contract('batched')}"
+    if not _current(out / f"{name}.int8.onnx", args.model):
         sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out, decoder_contract="batched",
                         quantize="int8")
     enc = out / f"{args.model}_encoder.onnx"

@@ -1,10 +1,11 @@
 """Regenerate the model x image-size section of docs/benchmarks.md with `sam-onnx bench`'s
-machinery: PyTorch and ONNX Runtime side by side for vit_b, vit_l and vit_h at 512x512,
-1024x1024 and 1800x1200, to show how cost grows with model and image size.
+machinery: PyTorch (each family's own predictor) and ONNX Runtime side by side for vit_b,
+vit_l, vit_h, MobileSAM's vit_t and HQ-SAM's hq_vit_b at 512x512, 1024x1024 and 1800x1200, to
+show how cost grows with model and image size.
 
     python scripts/bench_report.py --graphs /tmp/sam-onnx-bench/out --repeat 3
 
-Graphs are `<model>_encoder.onnx` and `<model>_decoder_official.onnx` under --graphs,
+Graphs are `<model>_encoder.onnx` and the family's official decoder under --graphs,
 exported from the random checkpoints `random_<model>.pth` under --work (scripts/bench_export.py
 writes both). Automatic mask generation is timed separately (scripts/bench_amg.py): at 122 s
 a PyTorch run for vit_b it would dominate this grid.
@@ -18,9 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sam_onnx.families import family_of
 from sam_onnx.tools.bench import BenchConfig, bench
 
-MODELS = ("vit_b", "vit_l", "vit_h")
+MODELS = ("vit_b", "vit_l", "vit_h", "vit_t", "hq_vit_b")
 SIZES = ((512, 512), (1024, 1024), (1200, 1800))
 START, END = "<!-- bench_report:start -->", "<!-- bench_report:end -->"
 
@@ -67,7 +69,8 @@ def main() -> None:
         for size in SIZES:
             cfg = BenchConfig(model, args.work / f"random_{model}.pth", False,
                               args.graphs / f"{model}_encoder.onnx",
-                              args.graphs / f"{model}_decoder_official.onnx",
+                              args.graphs / f"{model}_decoder_"
+                              f"{family_of(model).decoder_contract('official')}.onnx",
                               image_size=size, repeat=args.repeat, automatic=False)
             report = bench(cfg, ("cpu",), log=lambda m: print(m, file=sys.stderr, flush=True))
             results.append(report.to_dict())

@@ -80,7 +80,8 @@ def main() -> None:
         providers=("cpu",), cache_dir=cache)), args.repeat)  # the warm-up run fills the cache
 
     onnx_pred = SamOnnxPredictor(out / f"{args.model}_encoder.onnx",
-                                 out / f"{args.model}_decoder_official.onnx",
+                                 out / f"{args.model}_decoder_"
+                                 f"{family.decoder_contract('official')}.onnx",
                                  SessionConfig(providers=("cpu",)))
     torch_pred = family.torch().SamPredictor(sam)  # the family's own (mobile_sam's for vit_t)
     enc_onnx = median_time(lambda: onnx_pred.encoder.run(None, {"image": x}), args.repeat)

@@ -13,7 +13,7 @@ def table(specs) -> str:
     return "\n".join(rows)
 
 
-def family_section(family) -> None:
+def family_section(family, earlier) -> None:
     pre, post = family.preprocess, family.postprocess
     print(f"## Family `{family.name}`\n\n{family.doc}\n")
     print("Models: " + ", ".join(f"`{m}`" + (f" ({c})" if c else " (no published weights)")
@@ -23,6 +23,11 @@ def family_section(family) -> None:
           f"(RGB, 0-255), pad {pre.pad.replace('_', '-')} with zeros to a square. "
           f"Post-processing: {post.low_res_size}x{post.low_res_size} logits upscaled, cropped "
           f"and resized to the image, masks where logits > {post.mask_threshold:g}.\n")
+    same = next((f for f in earlier if f.contracts == family.contracts), None)
+    if same is not None:
+        print(f"Contracts: the same as family `{same.name}`'s: "
+              + ", ".join(f"`{n}`" for n in family.contracts) + ".\n")
+        return
     for c in family.contracts.values():
         print(f"### `{c.name}` ({c.role})\n\n{c.doc}\n")
         print(f"Inputs:\n\n{table(c.inputs)}\n\nOutputs:\n\n{table(c.outputs)}\n")
@@ -40,8 +45,9 @@ def main() -> None:
           "metadata (`sam_onnx.family`, `sam_onnx.model_type`, `sam_onnx.contract`, "
           "`sam_onnx.contract_spec`, `sam_onnx.preprocess`, `sam_onnx.postprocess`). Names in "
           "shapes are dynamic axes.\n")
-    for family in FAMILIES.values():
-        family_section(family)
+    families = list(FAMILIES.values())
+    for i, family in enumerate(families):
+        family_section(family, families[:i])
 
 
 if __name__ == "__main__":

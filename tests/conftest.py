@@ -16,6 +16,13 @@ def run_cli(*args, env=None, timeout=900):
                           capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
+def save_random_weights(registry, name: str, path: Path, seed: int) -> Path:
+    """Seeded random weights from a package's own builder registry, saved as a checkpoint."""
+    torch.manual_seed(seed)
+    torch.save(registry[name](checkpoint=None).state_dict(), path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """Random weights of the tiny SAM, saved as a real checkpoint file."""

@@ -62,7 +62,7 @@ def test_decoder_masks_are_right_for_an_image_size_not_used_while_exporting(tiny
     sam = build("tiny", sam_onnx.exporter.checkpoints.load_state_dict(tiny_checkpoint))
     session = ort.InferenceSession(str(out / "tiny_decoder_official.onnx"),
                                    providers=["CPUExecutionProvider"])
-    emb = reference.random_embeddings(seed=5)
+    emb = {"image_embeddings": reference.random_embeddings(seed=5)}
     for size in ((100, 3000), (2048, 333)):
         prompt = reference.Prompt("odd", size, np.array([[50.0, 40.0]]), np.array([1.0]))
         feed = reference.decoder_feed(DECODER_OFFICIAL, emb, prompt)

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import run_cli, save_random_weights
 from PIL import Image
 
 import sam_onnx
@@ -24,10 +24,8 @@ def vit_t_checkpoint(tmp_path_factory):
     """Random weights from mobile_sam's own builder, saved as mobile_sam.pt is."""
     from mobile_sam import sam_model_registry
 
-    torch.manual_seed(3)
-    path = tmp_path_factory.mktemp("vit_t") / "mobile_sam.pt"
-    torch.save(sam_model_registry["vit_t"](checkpoint=None).state_dict(), path)
-    return path
+    return save_random_weights(sam_model_registry, "vit_t",
+                               tmp_path_factory.mktemp("vit_t") / "mobile_sam.pt", seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -92,9 +92,7 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
     if not (encoder or decoder):
         raise SamOnnxError("nothing to export: drop --no-encoder or --no-decoder")
     family = family_of(model_type)
-    if decoder_contract not in family.decoder_contracts:
-        raise SamOnnxError(f"unknown decoder contract {decoder_contract!r} for {model_type}; use "
-                           f"one of: {', '.join(family.decoder_contracts)}")
+    decoder_contract = family.decoder_contract(decoder_contract)
     if quantize not in (None, *QUANTIZATIONS):
         raise SamOnnxError(f"unknown quantization {quantize!r}; use one of: "
                            f"{', '.join(QUANTIZATIONS)}")

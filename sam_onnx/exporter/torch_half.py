@@ -10,7 +10,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import onnx
 import onnx_ir as ir
@@ -47,9 +47,11 @@ def run(job: Job) -> Staged:
 
 def _run(job: Job, weights: Weights, stage: Stages) -> Staged:
     contracts = [get_contract(name) for name in job.contracts]
-    side = family_of(job.model_type).torch()  # the family's builders, wrappers and reference
+    family = family_of(job.model_type)
+    side = family.torch()  # the family's builders, wrappers and reference
     with side.reference_context(), stage("PyTorch reference outputs"):
-        checks = _reference_checks(side, weights.sam, contracts)
+        checks, encoded = _reference_checks(side, weights.sam, contracts)
+    model_dims = _model_dims(family.encoder, encoded)
     paths, records = {}, {}
     for contract in contracts:
         name = f"{job.model_type}_{contract.role}" + (
@@ -66,30 +68,37 @@ def _run(job: Job, weights: Weights, stage: Stages) -> Staged:
             records[contract.name] = metadata.provenance(
                 contract, model_type=job.model_type, weights_source=weights.source,
                 weights_checksum=weights.checksum, exporter=_EXPORTER_NAMES[contract.role],
-                opset=job.opset)
+                opset=job.opset, model_dims=model_dims)
             metadata.stamp(path, contract, records[contract.name])
         paths[contract.name] = path
     return Staged(paths, records, checks, stage.timings)
 
 
-def _reference_checks(side, sam, contracts: List[GraphContract]) -> Dict[str, Dict[str, tuple]]:
-    """Per contract, the feeds to run and PyTorch's outputs for them."""
+def _reference_checks(side, sam, contracts: List[GraphContract]) -> Tuple[Dict, Dict]:
+    """Per contract, the feeds to run and PyTorch's outputs for them; and the encoder outputs
+    the decoders were checked on."""
     reference = side.reference
     checks = {}
-    embeddings = reference.random_embeddings()
+    encoded = reference.random_encoder_outputs(sam)
     for contract in contracts:
         if contract.role == "encoder":
             feed = reference.encoder_input()
-            ref = reference.encoder_reference(sam, feed)
-            embeddings = ref["image_embeddings"]  # the decoder is checked on real embeddings
-            checks[contract.name] = {"random image": (feed, ref)}
+            encoded = reference.encoder_reference(sam, feed)  # decoders get real embeddings
+            checks[contract.name] = {"random image": (feed, encoded)}
         else:
             checks[contract.name] = {
-                p.name: (reference.decoder_feed(contract, embeddings, p),
-                         reference.decoder_reference(sam, contract, embeddings, p))
+                p.name: (reference.decoder_feed(contract, encoded, p),
+                         reference.decoder_reference(sam, contract, encoded, p))
                 for p in reference.PROMPTS
             }
-    return checks
+    return checks, encoded
+
+
+def _model_dims(encoder: GraphContract, encoded: Dict) -> Dict[str, int]:
+    """The sizes of the symbolic dims of what the encoder returns, fixed per model (HQ-SAM's
+    vit_dim and num_interm): recorded, so that a feed made for a graph has them."""
+    return {symbol: int(encoded[spec.name].shape[axis]) for spec in encoder.outputs
+            for axis, symbol in spec.dynamic_axes.items()}
 
 
 def _export_encoder(side, sam, contract: GraphContract, path: Path, opset: int) -> None:
@@ -124,7 +133,8 @@ def _export_decoder(side, sam, contract: GraphContract, path: Path, opset: int) 
     """TorchScript exporter: it keeps the upscale to ``orig_im_size`` dynamic, as
     segment-anything's own export script relies on."""
     reference = side.reference
-    feed = reference.decoder_feed(contract, reference.random_embeddings(), reference.PROMPTS[0])
+    feed = reference.decoder_feed(contract, reference.random_encoder_outputs(sam),
+                                  reference.PROMPTS[0])
     args = tuple(torch.from_numpy(feed[name]) for name in contract.input_names)
     with _quiet():
         torch.onnx.export(side.decoder_module(contract.name, sam), args, str(path), dynamo=False,

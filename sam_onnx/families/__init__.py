@@ -14,8 +14,9 @@ from ..core.errors import CheckpointError, SamOnnxError
 from .base import Family, by_name
 from .mobile_sam import MOBILE_SAM
 from .sam import SAM
+from .sam_hq import SAM_HQ
 
-FAMILIES: Dict[str, Family] = {f.name: f for f in (SAM, MOBILE_SAM)}
+FAMILIES: Dict[str, Family] = {f.name: f for f in (SAM, MOBILE_SAM, SAM_HQ)}
 
 #: Model name -> its family.
 MODELS: Dict[str, Family] = {m: f for f in FAMILIES.values() for m in f.models}
@@ -37,10 +38,11 @@ def get_contract(name: str) -> GraphContract:
 
 
 def identify(state: Mapping, path: Path = Path("checkpoint")) -> str:
-    """The model a checkpoint's tensors are: the family whose ``keys`` it has tells its size."""
-    for family in FAMILIES.values():
-        if all(key in state for key in family.keys):
-            return family.identify(state, path)
+    """The model a checkpoint's tensors are: of the families whose ``keys`` it has all of, the
+    one that declares the most (HQ-SAM's checkpoints hold SAM's keys too) tells its size."""
+    matching = [f for f in FAMILIES.values() if all(key in state for key in f.keys)]
+    if matching:
+        return max(matching, key=lambda f: len(f.keys)).identify(state, path)
     sample = ", ".join(list(state)[:3]) or "nothing"
     known = "; ".join(f"{f.name}: {f.keys[0]}" for f in FAMILIES.values())
     examples = " or ".join(next(c for c in f.checkpoints.values() if c)

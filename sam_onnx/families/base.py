@@ -10,7 +10,7 @@ exporter and the tools that compare with PyTorch.
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
@@ -44,6 +44,9 @@ class Family:
     torch_side: str
     #: The Python modules the PyTorch side needs, and the pip package of each.
     torch_requires: Tuple[Tuple[str, str], ...]
+    #: SAM's decoder form names (official, batched...) -> this family's contract for that form,
+    #: where its contracts have names of their own.
+    decoder_forms: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def models(self) -> Tuple[str, ...]:
@@ -56,6 +59,17 @@ class Family:
     @property
     def decoder_contracts(self) -> Tuple[str, ...]:
         return tuple(n for n, c in self.contracts.items() if c.role == "decoder")
+
+    def decoder_contract(self, name: str) -> str:
+        """The family's decoder contract for ``name``: its own contract name, or a form of
+        SAM's (``--decoder-contract official`` exports HQ-SAM's hq_official)."""
+        if name in self.decoder_contracts:
+            return name
+        if name in self.decoder_forms:
+            return self.decoder_forms[name]
+        known = ", ".join(dict.fromkeys([*self.decoder_forms, *self.decoder_contracts]))
+        raise SamOnnxError(f"the {self.name} family has no {name!r} decoder; use one of: "
+                           f"{known}")
 
     def require_torch(self) -> None:
         """Fail in one line, naming the extra to install, when the PyTorch side cannot be

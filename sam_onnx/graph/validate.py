@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import onnx
 
 from ..backend import runtime_limits
+from ..families import CONTRACTS
 from . import feeds as feeds_
 from . import metadata, signature
 from .findings import Finding, Report
@@ -315,7 +316,8 @@ def validate(model: ModelSource, feed: Optional[feeds_.FeedSource] = None) -> Re
     _versions(proto, report, name)
     _graph_inputs(proto, report, name)
     _contracts(proto, report, name)
-    feed_entries = feeds_.load(feed) if feed is not None else None
+    feed_entries = None if feed is None else feeds_.load(
+        feed, metadata.read(proto).get("model_dims"))
     if feed_entries is not None:
         report.extend(check_feed(proto, feed_entries, name))
     return report
@@ -323,25 +325,26 @@ def validate(model: ModelSource, feed: Optional[feeds_.FeedSource] = None) -> Re
 
 def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
                   names: Sequence[str] = ("encoder", "decoder")) -> Report:
-    """An encoder's output must be what the decoder's image_embeddings takes, same model type."""
+    """Every encoder output the decoder takes (image_embeddings; HQ-SAM's interm_embeddings)
+    must fit the decoder's input of that name, and both must be of one model."""
     report = Report()
-    out = {t.name: t for t in signature.graph_outputs(encoder)}.get("image_embeddings") or \
-        (signature.graph_outputs(encoder) or [None])[0]
-    into = {t.name: t for t in signature.graph_inputs(decoder)}.get("image_embeddings")
-    if out is None or into is None:
+    outputs = {t.name: t for t in signature.graph_outputs(encoder)}
+    inputs = {t.name: t for t in signature.graph_inputs(decoder)}
+    if "image_embeddings" not in inputs or not outputs:
         report.add(PAIR_EMBEDDINGS.finding(
             "pair", f"cannot pair: {names[0]} has no output or {names[1]} has no "
             "image_embeddings input", "pass an encoder then a decoder", model=names[1]))
         return report
-    if out.dtype != into.dtype or len(out.shape) != len(into.shape) or any(
-            isinstance(a, int) and isinstance(b, int) and a != b
-            for a, b in zip(out.shape, into.shape)):
-        report.add(PAIR_EMBEDDINGS.finding(
-            "input:image_embeddings", f"{names[0]} returns {out.name} {out.dtype} "
-            f"{list(out.shape)}, {names[1]} takes {into.dtype} {list(into.shape)}",
-            "export both graphs from the same model and precision",
-            expected=f"{into.dtype} {list(into.shape)}", actual=f"{out.dtype} {list(out.shape)}",
-            model=names[1]))
+    if "image_embeddings" not in outputs:  # another tool's name for it: its only output
+        outputs["image_embeddings"] = next(iter(outputs.values()))
+    for name, into in inputs.items():
+        if name in outputs or name == "image_embeddings":
+            _pair_tensor(report, outputs.get(name), into, names)
+        elif name in ENCODER_OUTPUTS:
+            report.add(PAIR_EMBEDDINGS.finding(
+                f"input:{name}", f"{names[1]} takes {name}, which {names[0]} does not return",
+                "pair the decoder with its own encoder (an HQ-SAM decoder needs HQ-SAM's "
+                "encoder)", expected=name, model=names[1]))
     types = [metadata.read(m).get("model_type") for m in (encoder, decoder)]
     if all(types) and types[0] != types[1]:
         report.add(PAIR_MODEL_TYPE.finding(
@@ -352,6 +355,22 @@ def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
         report.add(PAIR_OK.finding("pair", f"{names[0]}'s embeddings fit {names[1]}"
                                    + (f" ({types[0]})" if types[0] else ""), model=names[1]))
     return report
+
+
+#: Decoder inputs that only an encoder makes, by every family's encoder contract.
+ENCODER_OUTPUTS = {t.name for c in CONTRACTS.values() if c.role == "encoder" for t in c.outputs}
+
+
+def _pair_tensor(report: Report, out, into, names: Sequence[str]) -> None:
+    if out.dtype != into.dtype or len(out.shape) != len(into.shape) or any(
+            isinstance(a, int) and isinstance(b, int) and a != b
+            for a, b in zip(out.shape, into.shape)):
+        report.add(PAIR_EMBEDDINGS.finding(
+            f"input:{into.name}", f"{names[0]} returns {out.name} {out.dtype} "
+            f"{list(out.shape)}, {names[1]} takes {into.dtype} {list(into.shape)}",
+            "export both graphs from the same model and precision",
+            expected=f"{into.dtype} {list(into.shape)}", actual=f"{out.dtype} {list(out.shape)}",
+            model=names[1]))
 
 
 __all__ = ["validate", "validate_pair", "check_feed", "RULES", "read", "Report"]

@@ -65,7 +65,7 @@ class SamOnnxAutomaticMaskGenerator:
                                f"{crop_n_layers} needs {crop_n_layers + 1}")
         self.predictor = model if isinstance(model, SamOnnxPredictor) else \
             SamOnnxPredictor(*model)
-        if self.predictor.decoder_contract.name != "batched":
+        if not self.predictor.batched:
             log.warning("the %s decoder runs one prompt per call; export a batched decoder "
                         "(--decoder-contract batched) for the fast path",
                         self.predictor.decoder_contract.name)

@@ -116,6 +116,10 @@ class SamOnnxPredictor:
         self.family = graph_family(self._decoder_graph, self.decoder_contract)
         self._low_res_size = self.family.postprocess.low_res_size
         self._num_masks = int(self.decoder_contract.output("iou_predictions").shape[-1])
+        #: The graph picks the masks itself (HQ-SAM's decoders take multimask_output).
+        self._graph_selects = "multimask_output" in self.decoder_contract.input_names
+        #: Many prompts a run (a batched decoder), or one.
+        self.batched = isinstance(self.decoder_contract.input("point_coords").shape[0], str)
         # Prompts without a mask run a session with the mask inputs bound to "no mask",
         # whose mask branch ONNX Runtime folds away at load (vit_b: 17.6 -> 16.2 ms a
         # prompt, measured); a mask prompt runs the whole graph, in a session made for it
@@ -151,8 +155,14 @@ class SamOnnxPredictor:
         self.original_size = rgb.shape[:2]
         # once per image: its ~1.6 GB (vit_b) of activations go back rather than stay with
         # the encoder while the decoder runs
-        self.features = self.encoder.run(None, {self.encoder.input_names[0]: x},
-                                         release_memory=True)[0]
+        outputs = self.encoder.run(None, {self.encoder.input_names[0]: x}, release_memory=True)
+        self._set_encoded(dict(zip(self.encoder.output_names, outputs)))
+
+    def _set_encoded(self, encoded: Dict[str, np.ndarray]) -> None:
+        """Every encoder output (HQ-SAM's also returns its intermediate embeddings), fed to
+        the decoder by name; ``features`` is the image embedding, as SamPredictor's."""
+        self.encoded = encoded
+        self.features = encoded["image_embeddings"]
         self.is_image_set = True
 
     def get_image_embedding(self) -> np.ndarray:
@@ -162,24 +172,28 @@ class SamOnnxPredictor:
     def reset_image(self) -> None:
         self.is_image_set = False
         self.features = None
+        self.encoded: Dict[str, np.ndarray] = {}
         self.original_size = self.input_size = None
 
     def save_embedding(self, path: PathLike) -> None:
         """Keep the encoder's work: an .npz that load_embedding() reads back."""
         self._require_image()
-        np.savez(path, image_embeddings=self.features, original_size=self.original_size,
+        np.savez(path, **self.encoded, original_size=self.original_size,
                  input_size=self.input_size)
 
     def load_embedding(self, path: PathLike) -> None:
         try:
             with np.load(path, allow_pickle=False) as data:
-                self.features = data["image_embeddings"]
-                self.original_size = tuple(int(v) for v in data["original_size"])
-                self.input_size = tuple(int(v) for v in data["input_size"])
+                sizes = {k: tuple(int(v) for v in data[k]) for k in ("original_size",
+                                                                     "input_size")}
+                encoded = {k: data[k] for k in data.files if k not in sizes}
+            if "image_embeddings" not in encoded:
+                raise KeyError("image_embeddings")
         except (OSError, KeyError, ValueError) as exc:
             raise SamOnnxError(f"cannot read embedding {path} ({exc}); write it with "
                                "save_embedding()") from None
-        self.is_image_set = True
+        self.original_size, self.input_size = sizes["original_size"], sizes["input_size"]
+        self._set_encoded(encoded)
 
     def _require_image(self) -> None:
         if not self.is_image_set:
@@ -189,12 +203,18 @@ class SamOnnxPredictor:
     def predict(self, point_coords: Optional[np.ndarray] = None,
                 point_labels: Optional[np.ndarray] = None, box: Optional[np.ndarray] = None,
                 mask_input: Optional[np.ndarray] = None, multimask_output: bool = True,
-                return_logits: bool = False) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """As SamPredictor.predict: (masks CxHxW, scores C, low-res logits Cx256x256)."""
+                return_logits: bool = False, hq_token_only: bool = False
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As SamPredictor.predict: (masks CxHxW, scores C, low-res logits Cx256x256).
+
+        ``hq_token_only``: as HQ-SAM's SamPredictor (HQ decoders only), whose decoders return
+        one mask: SAM's chosen one plus the HQ mask, or the HQ mask alone."""
         self._require_image()
         coords, labels = self._prompt(point_coords, point_labels, box)
-        outputs = self._run(self._feed(coords[None], labels[None], mask_input))
-        picked = _mask_slice(multimask_output)
+        outputs = self._run(self._feed(coords[None], labels[None], mask_input,
+                                       multimask_output=multimask_output,
+                                       hq_token_only=hq_token_only))
+        picked = self._picked(multimask_output)
         low_res, scores = outputs["low_res_masks"][0][picked], outputs["iou_predictions"][0][picked]
         masks = transforms.postprocess_masks(
             low_res, self.input_size, self.original_size, self.family.preprocess.image_size,
@@ -231,13 +251,13 @@ class SamOnnxPredictor:
         coords = np.concatenate([self._apply_coords(coords),
                                  np.zeros((b, 1, 2))], axis=1)
         labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
-        picked = _mask_slice(multimask_output)
-        step = self.decoder_batch if self.decoder_contract.name == "batched" else 1
+        picked = self._picked(multimask_output)
+        step = self.decoder_batch if self.batched else 1
         scores = np.empty((b, len(range(self._num_masks)[picked])), np.float32)
         low_res, kept = [], []
         for i in range(0, b, step):  # bounded runs: same speed per prompt, less memory
             out = self._run(self._feed(coords[i:i + step], labels[i:i + step], None,
-                                       pred_iou_thresh))
+                                       pred_iou_thresh, multimask_output))
             scores[i:i + step] = out["iou_predictions"][:, picked]
             # the graph keeps a prompt for any of its four scores; here only the picked count
             # (a NaN score is not "at or below", so it is kept, as in the graph)
@@ -301,20 +321,34 @@ class SamOnnxPredictor:
         return transforms.apply_coords(coords, self.original_size,
                                        self.family.preprocess.image_size)
 
-    def _feed(self, coords, labels, mask_input, pred_iou_thresh: float = EVERY_PROMPT):
+    def _picked(self, multimask_output: bool) -> slice:
+        """SamPredictor's choice: the three multimask outputs, or the single-mask token;
+        every mask when the graph chooses itself."""
+        if self._graph_selects:
+            return slice(None)
+        return slice(1, None) if multimask_output else slice(0, 1)
+
+    def _feed(self, coords, labels, mask_input, pred_iou_thresh: float = EVERY_PROMPT,
+              multimask_output: bool = True, hq_token_only: bool = False):
         """The decoder's inputs, by its contract, for (B, N, 2) coords in the 1024 frame."""
-        if mask_input is not None and "mask_input" not in self.decoder_contract.input_names:
+        takes = self.decoder_contract.input_names
+        if mask_input is not None and "mask_input" not in takes:
             raise SamOnnxError(f"this {self.decoder_contract.name} decoder takes no mask_input; "
                                "refine with an official or lowres decoder")
+        if hq_token_only and "hq_token_only" not in takes:
+            raise SamOnnxError(f"hq_token_only needs an HQ-SAM decoder; this is a "
+                               f"{self.decoder_contract.name} decoder")
         values = {
-            "image_embeddings": self.features,
+            **self.encoded,
             "point_coords": coords.astype(np.float32),
             "point_labels": labels.astype(np.float32),
             **_mask_prompt(mask_input, self._low_res_size),
             "orig_im_size": np.array(self.original_size, np.float32),
             "pred_iou_thresh": np.array([pred_iou_thresh], np.float32),
+            "multimask_output": np.array([float(multimask_output)], np.float32),
+            "hq_token_only": np.array([float(hq_token_only)], np.float32),
         }
-        return {name: values[name] for name in self.decoder_contract.input_names}
+        return {name: values[name] for name in takes}
 
 
 def _require_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto, names) -> None:
@@ -324,7 +358,3 @@ def _require_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto, names) -> 
     if errors:
         raise SamOnnxError(f"{errors[0].message}; {errors[0].fix}")
 
-
-def _mask_slice(multimask_output: bool) -> slice:
-    """SamPredictor's choice: the three multimask outputs, or the single-mask token."""
-    return slice(1, None) if multimask_output else slice(0, 1)

@@ -147,8 +147,8 @@ def check(model_type: str, checkpoint: Optional[Path] = None, *, random_weights:
     report = CheckReport(model_type, precision, str(encoder), str(decoder), contract.name,
                          weights.checksum, onnx_pred.decoder.active)
     for name, img in loaded:
-        report.rows += _image_rows(onnx_pred, torch_pred, name, img, tolerances)
-    if automatic and contract.name == "batched":
+        report.rows += _image_rows(onnx_pred, torch_pred, side, name, img, tolerances)
+    if automatic and onnx_pred.batched:
         reference = side.SamAutomaticMaskGenerator(weights.sam, **AMG_SETTINGS)
         report.rows.append(_automatic_row(onnx_pred, reference, *loaded[0], tolerances[1]))
     return report
@@ -163,17 +163,21 @@ def require_graphs(encoder, decoder, export_to) -> None:
         raise SamOnnxError("give either --encoder/--decoder or --export-to, not both")
 
 
-def _image_rows(onnx_pred, torch_pred, name: str, img: np.ndarray,
+def _image_rows(onnx_pred, torch_pred, side, name: str, img: np.ndarray,
                 tolerances: Tuple[Tolerance, Tolerance]) -> List[Row]:
-    """The embedding, then each prompt kind, and each again refined with a mask prompt."""
+    """Every encoder output, then each prompt kind, and each again refined with a mask prompt
+    (and, for HQ-SAM's decoders, with the HQ token's mask alone)."""
     enc_tol, dec_tol = tolerances
     contract = onnx_pred.decoder_contract
     onnx_pred.set_image(img)
     torch_pred.set_image(img)
-    ref = torch_pred.get_image_embedding().numpy()
-    rows = [_error_row("encoder", name, "embedding", "image_embeddings",
-                       onnx_pred.get_image_embedding(), ref, enc_tol)]
-    for kind, prompt in prompts(*img.shape[:2]).items():
+    rows = [_error_row("encoder", name, "embedding", output, onnx_pred.encoded[output], ref,
+                       enc_tol) for output, ref in side.predictor_encoded(torch_pred).items()]
+    cases = prompts(*img.shape[:2])
+    if "hq_token_only" in contract.input_names:
+        cases.update({f"{kind} hq-only": {**p, "hq_token_only": True}
+                      for kind, p in list(cases.items())})
+    for kind, prompt in cases.items():
         got = onnx_pred.predict(**prompt, return_logits=True)
         want = [np.asarray(a) for a in torch_pred.predict(**prompt, return_logits=True)]
         rows += _decoder_rows(name, kind, got, want, dec_tol)

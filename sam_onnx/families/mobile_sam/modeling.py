@@ -16,10 +16,10 @@ with warnings.catch_warnings():  # timm's deprecation and registry chatter on im
 
 from ...core.errors import CheckpointError
 from ..sam import reference
-from ..sam.modeling import decoder_module
+from ..sam.modeling import decoder_module, predictor_encoded
 
 __all__ = ["build", "encoder_module", "decoder_module", "reference_context", "export_context",
-           "reference", "SamPredictor", "SamAutomaticMaskGenerator"]
+           "reference", "SamPredictor", "SamAutomaticMaskGenerator", "predictor_encoded"]
 
 
 def build(model_type: str, state: Optional[Mapping] = None, seed: int = 0):

@@ -9,8 +9,9 @@ result in far fewer FLOPs).
 from __future__ import annotations
 
 import contextlib
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from segment_anything import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
@@ -25,7 +26,7 @@ from .fast_decoder import BatchedDecoder, image_pe, predict_masks
 
 #: What every family's PyTorch side provides (the exporter, check and bench use only these).
 __all__ = ["build", "encoder_module", "decoder_module", "reference_context", "export_context",
-           "reference", "SamPredictor", "SamAutomaticMaskGenerator"]
+           "reference", "SamPredictor", "SamAutomaticMaskGenerator", "predictor_encoded"]
 
 #: Attention scores held at once, in fp32 elements: one vit_h head (64 MB) in PyTorch, which
 #: runs a chunk at a time; four heads (256 MB) in the exported graph, where ONNX Runtime may
@@ -64,7 +65,13 @@ def encoder_module(sam) -> torch.nn.Module:
     return sam.image_encoder
 
 
-def _chunked_attention_forward(self, x: torch.Tensor, chunk_elements: int) -> torch.Tensor:
+def predictor_encoded(predictor) -> Dict[str, np.ndarray]:
+    """What a SamPredictor holds after set_image, by the encoder contract's output names."""
+    return {"image_embeddings": predictor.get_image_embedding().numpy()}
+
+
+def _chunked_attention_forward(self, x: torch.Tensor, chunk_elements: int,
+                               add_decomposed_rel_pos) -> torch.Tensor:
     """segment_anything's ``Attention.forward`` computed a few heads at a time.
 
     The global-attention blocks hold (heads x 4096 x 4096) scores two or three times over
@@ -81,7 +88,7 @@ def _chunked_attention_forward(self, x: torch.Tensor, chunk_elements: int) -> to
         qi, ki, vi = q[i:i + step], k[i:i + step], v[i:i + step]
         attn = (qi * self.scale) @ ki.transpose(-2, -1)
         if self.use_rel_pos:
-            attn = image_encoder.add_decomposed_rel_pos(
+            attn = add_decomposed_rel_pos(
                 attn, qi, self.rel_pos_h, self.rel_pos_w, (H, W), (H, W))
         outs.append(attn.softmax(dim=-1) @ vi)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -100,15 +107,17 @@ def export_context():
 
 
 @contextlib.contextmanager
-def chunked_attention(chunk_elements: int):
-    """Within this block SAM's image encoder attends a few heads at a time (see above)."""
-    original = image_encoder.Attention.forward
-    image_encoder.Attention.forward = (
-        lambda self, x: _chunked_attention_forward(self, x, chunk_elements))
+def chunked_attention(chunk_elements: int, module=image_encoder):
+    """Within this block the ViT image encoder of ``module`` (segment_anything's, or a copy of
+    it such as HQ-SAM's) attends a few heads at a time (see above)."""
+    original = module.Attention.forward
+    module.Attention.forward = (
+        lambda self, x: _chunked_attention_forward(self, x, chunk_elements,
+                                                   module.add_decomposed_rel_pos))
     try:
         yield
     finally:
-        image_encoder.Attention.forward = original
+        module.Attention.forward = original
 
 
 class _FastSamOnnxModel(SamOnnxModel):
@@ -140,13 +149,18 @@ class OfficialDecoder(_FastSamOnnxModel):
         return self.mask_postprocessing(masks, orig_im_size), scores, masks
 
     def mask_postprocessing(self, masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
-        masks = F.interpolate(masks, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
-                              align_corners=False)
-        prepadded = self.resize_longest_image_size(orig_im_size, IMAGE_SIZE)
-        masks = masks.index_select(2, torch.arange(prepadded[0]))
-        masks = masks.index_select(3, torch.arange(prepadded[1]))
-        size = orig_im_size.to(torch.int64)
-        return F.interpolate(masks, size=(size[0], size[1]), mode="bilinear", align_corners=False)
+        return upscale(masks, orig_im_size)
+
+
+def upscale(masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
+    """Low-res logits to the original image size, for every image size (see OfficialDecoder)."""
+    masks = F.interpolate(masks, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
+                          align_corners=False)
+    prepadded = SamOnnxModel.resize_longest_image_size(orig_im_size, IMAGE_SIZE)
+    masks = masks.index_select(2, torch.arange(prepadded[0]))
+    masks = masks.index_select(3, torch.arange(prepadded[1]))
+    size = orig_im_size.to(torch.int64)
+    return F.interpolate(masks, size=(size[0], size[1]), mode="bilinear", align_corners=False)
 
 
 class LowResDecoder(_FastSamOnnxModel):

@@ -56,6 +56,11 @@ def random_embeddings(seed: int = 0) -> np.ndarray:
     return rng.standard_normal(shape, dtype=np.float32)
 
 
+def random_encoder_outputs(sam, seed: int = 0) -> Arrays:
+    """What the decoders take from the encoder, random: for a decoder exported alone."""
+    return {"image_embeddings": random_embeddings(seed)}
+
+
 def grid_prompts(prompt: Prompt, per_side: int = 3) -> Tuple[np.ndarray, np.ndarray]:
     """A batched decoder's check: each of the prompt's points and a grid over its image, one
     point per prompt as the automatic mask generator sends them: (B, 1, 2) and (B, 1)."""
@@ -68,8 +73,10 @@ def grid_prompts(prompt: Prompt, per_side: int = 3) -> Tuple[np.ndarray, np.ndar
     return coords[:, None, :], labels[:, None]
 
 
-def decoder_feed(contract: GraphContract, embeddings: np.ndarray, prompt: Prompt) -> Arrays:
-    """The feed a SamPredictor-like wrapper builds for ``contract`` from ``prompt``."""
+def decoder_feed(contract: GraphContract, encoded: Arrays, prompt: Prompt) -> Arrays:
+    """The feed a SamPredictor-like wrapper builds for ``contract`` from ``prompt`` and the
+    encoder's outputs ``encoded``."""
+    embeddings = encoded["image_embeddings"]
     transform = ResizeLongestSide(IMAGE_SIZE)
     if contract.name == "batched":
         coords, labels = grid_prompts(prompt)
@@ -101,9 +108,9 @@ def decoder_feed(contract: GraphContract, embeddings: np.ndarray, prompt: Prompt
 
 
 @torch.inference_mode()
-def decoder_reference(sam, contract: GraphContract, embeddings: np.ndarray,
-                      prompt: Prompt) -> Arrays:
+def decoder_reference(sam, contract: GraphContract, encoded: Arrays, prompt: Prompt) -> Arrays:
     """What segment_anything computes for ``prompt``: all four masks, logits and scores."""
+    embeddings = encoded["image_embeddings"]
     transform = ResizeLongestSide(IMAGE_SIZE)
     if contract.name == "batched":  # as SamPredictor.predict_torch, which adds the padding
         coords, labels = (torch.from_numpy(a).float() for a in grid_prompts(prompt))
@@ -121,7 +128,7 @@ def decoder_reference(sam, contract: GraphContract, embeddings: np.ndarray,
         box = torch.from_numpy(transform.apply_boxes(prompt.box[None], prompt.image_size)).float()
     mask = None
     if prompt.with_mask:
-        mask = torch.from_numpy(decoder_feed(contract, embeddings, prompt)["mask_input"])
+        mask = torch.from_numpy(decoder_feed(contract, encoded, prompt)["mask_input"])
     sparse, dense = sam.prompt_encoder(points=(coords[None], labels[None]), boxes=box, masks=mask)
     low_res, iou = sam.mask_decoder.predict_masks(
         image_embeddings=torch.from_numpy(embeddings),
