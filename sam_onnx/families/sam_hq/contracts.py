@@ -13,6 +13,7 @@ from typing import Dict
 
 from ...core.contracts import GraphContract, TensorSpec
 from ..sam.contracts import (
+                             DECODER_BATCHED,
                              DECODER_OFFICIAL,
                              ENCODER,
                              IMAGE_SIZE,
@@ -70,14 +71,8 @@ HQ_BATCHED = GraphContract(
     role="decoder",
     doc="Many point prompts against one image in one run, as the automatic mask generator "
     "sends them: no mask prompt, one mask and score per prompt; the caller upscales.",
-    inputs=(
-        _IMAGE_EMBEDDINGS, _INTERM,
-        TensorSpec("point_coords", _FP32, ("num_prompts", "num_points", 2),
-                   "(x, y) in the resized 1024-pixel frame, one row of points per prompt"),
-        TensorSpec("point_labels", _FP32, ("num_prompts", "num_points"),
-                   "as for one prompt; the automatic mask generator sends [1, -1]"),
-        *_FLAGS,
-    ),
+    inputs=(_IMAGE_EMBEDDINGS, _INTERM, DECODER_BATCHED.input("point_coords"),
+            DECODER_BATCHED.input("point_labels"), *_FLAGS),
     outputs=(
         TensorSpec("low_res_masks", _FP32, ("num_prompts", 1, _M, _M),
                    "mask logits at 256x256 per prompt, before upscaling"),

@@ -88,9 +88,6 @@ def export_context():
 class _HQDecoder(SamOnnxModel):
     """HQ's prompt encoder and mask decoder with the switches as tensors."""
 
-    def __init__(self, sam) -> None:
-        super().__init__(sam)
-
     def _masks(self, image_embeddings, interm_embeddings, sparse, dense, multimask_output,
                hq_token_only):
         """(B, 1, 256, 256) logits and (B, 1) scores, as MaskDecoderHQ.forward selects them."""
