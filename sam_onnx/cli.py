@@ -158,7 +158,7 @@ def validate(models, feed, run_, fmt) -> None:
             protos.append((str(model), onnx.load(str(model), load_external_data=False)))
     if len(protos) == 2:
         (na, a), (nb, b) = protos
-        if "image_embeddings" in {i.name for i in a.graph.input}:  # decoder given first
+        if validator.EMBEDDINGS & {i.name for i in a.graph.input}:  # decoder given first
             (na, a), (nb, b) = (nb, b), (na, a)
         report.extend(validator.validate_pair(a, b, (na, nb)))
     click.echo({"text": report.to_text, "json": report.to_json,
@@ -293,7 +293,8 @@ def _bbox(mask) -> list:
               help="Folder for IMAGE.json (COCO-style, compressed RLE) and IMAGE.png (overlay).")
 @click.option("--points-per-side", type=click.IntRange(1), default=32, show_default=True)
 @click.option("--points-per-batch", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--pred-iou-thresh", type=float, default=0.88, show_default=True)
+@click.option("--pred-iou-thresh", type=float, default=None,
+              help="Default: the family's own generator's (0.88; SAM 2: 0.8).")
 @click.option("--stability-score-thresh", type=float, default=0.95, show_default=True)
 @click.option("--stability-score-offset", type=float, default=1.0, show_default=True)
 @click.option("--box-nms-thresh", type=float, default=0.7, show_default=True)
@@ -304,6 +305,10 @@ def _bbox(mask) -> list:
               show_default=True)
 @click.option("--min-mask-region-area", type=click.IntRange(0), default=0, show_default=True,
               help="Fill holes and drop islands smaller than this (needs scipy).")
+@click.option("--multimask-output/--single-mask-output", default=True, show_default=True,
+              help="Three masks per point, or the single one (SAM 2's generator option).")
+@click.option("--use-m2m", is_flag=True,
+              help="Refine every mask once with itself as the mask prompt (SAM 2's option).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Processes sharing the images, each with its share of the CPU threads.")
 @_expected_errors

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Dict, Mapping, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
 Dim = Union[int, str]
 
@@ -20,9 +20,10 @@ EVERY_PROMPT = float("-inf")
 
 @dataclass(frozen=True)
 class Preprocess:
-    """How an image becomes the encoder's input, as the numpy runtime applies it: resize so
-    the longest side is ``image_size``, normalize by ``pixel_mean``/``pixel_std`` (RGB, 0-255),
-    zero-pad bottom-right to a square."""
+    """How an image becomes the encoder's input, as the numpy runtime applies it: resize to
+    ``image_size`` (``longest_side``: the longest side, keeping the aspect ratio, then
+    zero-pad bottom-right to a square, as SAM; ``square``: both sides, as SAM 2), normalize by
+    ``pixel_mean``/``pixel_std`` (RGB, 0-255)."""
 
     image_size: int
     pixel_mean: Tuple[float, float, float]
@@ -33,11 +34,23 @@ class Preprocess:
 
 @dataclass(frozen=True)
 class Postprocess:
-    """How decoder logits become masks: upscale ``low_res_size`` logits to the padded input
-    frame, crop the padding, resize to the original image, threshold."""
+    """How decoder logits become masks, and which mask is the single one.
+
+    ``upscale``: ``padded_input`` (SAM: ``low_res_size`` logits to the padded input frame,
+    crop the padding, resize to the original image) or ``original`` (SAM 2: straight to the
+    original image); then threshold at ``mask_threshold``. ``single_mask`` (multimask_output
+    False): ``first_token`` (SAM) or ``dynamic_stability`` (SAM 2: the single-mask token when
+    its stability at +-``stability_delta`` reaches ``stability_thresh``, else the multimask
+    output with the best predicted IoU). ``low_res_clamp``: low-res logits returned clipped
+    to +-this (SAM 2's predictor), None: as they are."""
 
     low_res_size: int
     mask_threshold: float = 0.0
+    upscale: str = "padded_input"
+    single_mask: str = "first_token"
+    stability_delta: float = 0.05
+    stability_thresh: float = 0.98
+    low_res_clamp: Optional[float] = None
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,10 @@ from ..core.errors import CheckpointError, SamOnnxError
 from .base import Family, by_name
 from .mobile_sam import MOBILE_SAM
 from .sam import SAM
+from .sam2 import SAM2
 from .sam_hq import SAM_HQ
 
-FAMILIES: Dict[str, Family] = {f.name: f for f in (SAM, MOBILE_SAM, SAM_HQ)}
+FAMILIES: Dict[str, Family] = {f.name: f for f in (SAM, MOBILE_SAM, SAM_HQ, SAM2)}
 
 #: Model name -> its family.
 MODELS: Dict[str, Family] = {m: f for f in FAMILIES.values() for m in f.models}

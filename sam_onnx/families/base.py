@@ -42,15 +42,29 @@ class Family:
     identify: Callable[[Mapping, Path], str]
     #: The module of builders, export wrappers and the PyTorch reference.
     torch_side: str
-    #: The Python modules the PyTorch side needs, and the pip package of each.
+    #: The Python modules the PyTorch side needs, and the pip package of each: torch, then
+    #: the family's own model code (``code``), then what that needs.
     torch_requires: Tuple[Tuple[str, str], ...]
     #: SAM's decoder form names (official, batched...) -> this family's contract for that form,
     #: where its contracts have names of their own.
     decoder_forms: Mapping[str, str] = field(default_factory=dict)
+    #: The padding point (label -1) follows a box prompt too (SAM2ImagePredictor), not only
+    #: points alone (SamPredictor).
+    pad_after_box: bool = False
+    #: The encoder output that is the image embedding (SamPredictor.features).
+    embedding: str = "image_embeddings"
+    #: The automatic mask generator's defaults where the family's own generator differs
+    #: from segment_anything's (SAM2AutomaticMaskGenerator: pred_iou_thresh 0.8).
+    generator_defaults: Mapping[str, object] = field(default_factory=dict)
 
     @property
     def models(self) -> Tuple[str, ...]:
         return tuple(self.checkpoints)
+
+    @property
+    def code(self) -> str:
+        """The module of the family's own model code, which check and bench compare with."""
+        return self.torch_requires[1][0]
 
     @property
     def encoder(self) -> GraphContract:

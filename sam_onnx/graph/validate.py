@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import onnx
 
 from ..backend import runtime_limits
-from ..families import CONTRACTS
+from ..families import CONTRACTS, FAMILIES
 from . import feeds as feeds_
 from . import metadata, signature
 from .findings import Finding, Report
@@ -325,20 +325,23 @@ def validate(model: ModelSource, feed: Optional[feeds_.FeedSource] = None) -> Re
 
 def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
                   names: Sequence[str] = ("encoder", "decoder")) -> Report:
-    """Every encoder output the decoder takes (image_embeddings; HQ-SAM's interm_embeddings)
-    must fit the decoder's input of that name, and both must be of one model."""
+    """Every encoder output the decoder takes (image_embeddings; HQ-SAM's interm_embeddings;
+    SAM 2's image_embed and high-resolution maps) must fit the decoder's input of that name,
+    and both must be of one model."""
     report = Report()
     outputs = {t.name: t for t in signature.graph_outputs(encoder)}
     inputs = {t.name: t for t in signature.graph_inputs(decoder)}
-    if "image_embeddings" not in inputs or not outputs:
+    embedding = next((name for name in inputs if name in EMBEDDINGS), None)
+    if embedding is None or not outputs:
         report.add(PAIR_EMBEDDINGS.finding(
             "pair", f"cannot pair: {names[0]} has no output or {names[1]} has no "
-            "image_embeddings input", "pass an encoder then a decoder", model=names[1]))
+            f"{' or '.join(sorted(EMBEDDINGS))} input", "pass an encoder then a decoder",
+            model=names[1]))
         return report
-    if "image_embeddings" not in outputs:  # another tool's name for it: its only output
-        outputs["image_embeddings"] = next(iter(outputs.values()))
+    if embedding not in outputs:  # another tool's name for it: its only output
+        outputs[embedding] = next(iter(outputs.values()))
     for name, into in inputs.items():
-        if name in outputs or name == "image_embeddings":
+        if name in outputs:
             _pair_tensor(report, outputs.get(name), into, names)
         elif name in ENCODER_OUTPUTS:
             report.add(PAIR_EMBEDDINGS.finding(
@@ -357,6 +360,8 @@ def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
     return report
 
 
+#: The image embedding's name in each family's graphs.
+EMBEDDINGS = {f.embedding for f in FAMILIES.values()}
 #: Decoder inputs that only an encoder makes, by every family's encoder contract.
 ENCODER_OUTPUTS = {t.name for c in CONTRACTS.values() if c.role == "encoder" for t in c.outputs}
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from ..core.contracts import EVERY_PROMPT
 from ..core.errors import SamOnnxError
-from . import amg, transforms
+from . import amg
 from .images import ImageLike, load_image
 from .predictor import SamOnnxPredictor
 
@@ -35,16 +35,21 @@ Model = Union[SamOnnxPredictor, Tuple[Union[str, Path], Union[str, Path]]]
 
 class SamOnnxAutomaticMaskGenerator:
     """Generates masks for a whole image from a grid of point prompts; see segment_anything's
-    SamAutomaticMaskGenerator for the meaning of every parameter."""
+    SamAutomaticMaskGenerator (and sam2's SAM2AutomaticMaskGenerator, for ``mask_threshold``,
+    ``use_m2m`` and ``multimask_output``) for the meaning of every parameter.
+
+    ``pred_iou_thresh`` and ``mask_threshold`` default to the graphs' family's own generator
+    (0.88 for SAM, MobileSAM and HQ-SAM; 0.8 for SAM 2)."""
 
     def __init__(self, model: Model, points_per_side: Optional[int] = 32,
-                 points_per_batch: int = 64, pred_iou_thresh: float = 0.88,
+                 points_per_batch: int = 64, pred_iou_thresh: Optional[float] = None,
                  stability_score_thresh: float = 0.95, stability_score_offset: float = 1.0,
                  box_nms_thresh: float = 0.7, crop_n_layers: int = 0,
                  crop_nms_thresh: float = 0.7, crop_overlap_ratio: float = 512 / 1500,
                  crop_n_points_downscale_factor: int = 1,
                  point_grids: Optional[List[np.ndarray]] = None, min_mask_region_area: int = 0,
-                 output_mode: str = "binary_mask") -> None:
+                 output_mode: str = "binary_mask", mask_threshold: Optional[float] = None,
+                 use_m2m: bool = False, multimask_output: bool = True) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise SamOnnxError("give exactly one of points_per_side or point_grids")
         if output_mode not in OUTPUT_MODES:
@@ -69,9 +74,15 @@ class SamOnnxAutomaticMaskGenerator:
             log.warning("the %s decoder runs one prompt per call; export a batched decoder "
                         "(--decoder-contract batched) for the fast path",
                         self.predictor.decoder_contract.name)
+        defaults = self.predictor.family.generator_defaults
         self.point_grids = point_grids
         self.points_per_batch = points_per_batch
-        self.pred_iou_thresh = pred_iou_thresh
+        self.pred_iou_thresh = defaults.get("pred_iou_thresh", 0.88) \
+            if pred_iou_thresh is None else pred_iou_thresh
+        self.mask_threshold = self.predictor.family.postprocess.mask_threshold \
+            if mask_threshold is None else mask_threshold
+        self.use_m2m = use_m2m
+        self.multimask_output = multimask_output
         self.stability_score_thresh = stability_score_thresh
         self.stability_score_offset = stability_score_offset
         self.box_nms_thresh = box_nms_thresh
@@ -152,27 +163,41 @@ class SamOnnxAutomaticMaskGenerator:
         data["crop_boxes"] = np.array([crop_box] * len(data), np.int64).reshape(-1, 4)
         return data
 
-    def _process_batch(self, points: np.ndarray, im_size: Tuple[int, int],
-                       crop_box: List[int], orig_size: Tuple[int, int]) -> amg.MaskData:
+    def _predict(self, points: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Low-res logits (P, M, 256, 256), scores (P, M) and points (P, 2) of the prompts
+        that may pass ``pred_iou_thresh``; with ``use_m2m`` every mask refined first, as
+        SAM2AutomaticMaskGenerator.refine_with_m2m: its own logits as the mask prompt, one
+        mask out (P: the masks, M: 1)."""
+        ones = np.ones((len(points), 1))
+        if self.use_m2m:
+            low_res, iou = self.predictor.predict_batch(points[:, None, :], ones,
+                                                        self.multimask_output)
+            points = np.repeat(points, iou.shape[1], axis=0)
+            prompts = self.predictor.clamp_low_res(low_res.reshape(-1, *low_res.shape[2:]))
+            low_res, iou = self.predictor.predict_batch(
+                points[:, None, :], np.ones((len(points), 1)), False, mask_input=prompts)
+            return low_res, iou, points
         filtering = self.pred_iou_thresh > 0.0  # segment_anything skips the filter at <= 0
         low_res, iou, kept = self.predictor.predict_batch_filtered(
-            points[:, None, :], np.ones((len(points), 1)),
-            self.pred_iou_thresh if filtering else EVERY_PROMPT)
-        iou, points = iou[kept], points[kept]
-        keep = iou > self.pred_iou_thresh if filtering else \
+            points[:, None, :], ones, self.pred_iou_thresh if filtering else EVERY_PROMPT,
+            self.multimask_output)
+        return low_res, iou[kept], points[kept]
+
+    def _process_batch(self, points: np.ndarray, im_size: Tuple[int, int],
+                       crop_box: List[int], orig_size: Tuple[int, int]) -> amg.MaskData:
+        low_res, iou, points = self._predict(points)
+        keep = iou > self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else \
             np.ones(iou.shape, bool)  # (prompts, masks), in segment_anything's order
         low_res, iou = low_res[keep], iou[keep]
         pts = np.repeat(points[:, None], keep.shape[1], axis=1)[keep]
         orig_h, orig_w = orig_size
         h, w = im_size
-        image_size = self.predictor.family.preprocess.image_size
-        threshold = self.predictor.family.postprocess.mask_threshold
+        threshold = self.mask_threshold
         chunk = max(1, CHUNK_BYTES // (4 * h * w))
         data = amg.MaskData()
         for start in range(0, len(low_res), chunk):
             sl = slice(start, start + chunk)
-            logits = transforms.postprocess_masks(low_res[sl], self.predictor.input_size, im_size,
-                                                  image_size)
+            logits = self.predictor.postprocess_masks(low_res[sl], return_logits=True)
             part = amg.MaskData(iou_preds=iou[sl], points=pts[sl],
                                 stability_score=amg.stability_score(
                                     logits, threshold, self.stability_score_offset))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import onnx
@@ -59,13 +59,24 @@ def _read_graph(path: PathLike) -> onnx.ModelProto:
 READ_OUTPUTS = tuple(dict.fromkeys(DECODER_LOWRES.output_names + DECODER_BATCHED.output_names))
 
 
+def read_outputs(contract: GraphContract, low_res_size: int) -> Dict[str, str]:
+    """The decoder outputs the predictor reads, by its name for each: ``READ_OUTPUTS``, and
+    ``masks`` as the low-res logits where a graph returns them at low resolution under that
+    name (samexporter's SAM 2 decoder)."""
+    names = {name: name for name in contract.output_names if name in READ_OUTPUTS}
+    if "low_res_masks" not in names and "masks" in contract.output_names and \
+            contract.output("masks").shape[-2:] == (low_res_size, low_res_size):
+        names["masks"] = "low_res_masks"
+    return names
+
+
 def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContract,
-                    bound: Dict[str, np.ndarray]):
+                    read: Sequence[str], bound: Dict[str, np.ndarray]):
     """What a decoder session loads: the graph cut at the outputs the predictor reads (an
     ``official`` graph's upscaling is left out: the predictor upscales in numpy, 3-6 ms
     against the graph's 15 ms for vit_b at 1800x1200, measured) with the inputs ``bound``
     made constants; the file itself when there is nothing to change."""
-    read = [name for name in contract.output_names if name in READ_OUTPUTS]
+    read = list(read)
     if len(read) == len(contract.output_names) and not bound:
         return path
     model = graph  # its weights are inside it, unless they live in a .data file beside it
@@ -79,17 +90,28 @@ def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContr
                                      bound).SerializeToString()
 
 
-def _mask_prompt(mask_input: Optional[np.ndarray], size: int) -> Dict[str, np.ndarray]:
-    """The mask-prompt inputs of the decoders that take them; zeros when there is none."""
-    mask = np.zeros((1, 1, size, size), np.float32)
+def _mask_prompt(mask_input: Optional[np.ndarray], size: int,
+                 rows: int = 1) -> Dict[str, np.ndarray]:
+    """The mask-prompt inputs of the decoders that take them, for ``rows`` prompts (a mask
+    each, or none); zeros when there is none."""
+    mask = np.zeros((rows, 1, size, size), np.float32)
     if mask_input is not None:
         m = np.asarray(mask_input, dtype=np.float32)
-        if m.shape not in ((1, size, size), (1, 1, size, size)):
-            raise SamOnnxError(f"mask_input must be 1x{size}x{size} low-res logits (the third "
-                               f"value predict() returns); got {m.shape}")
+        if m.shape not in ((rows, size, size), (rows, 1, size, size)):
+            raise SamOnnxError(f"mask_input must be {rows}x{size}x{size} low-res logits (the "
+                               f"third value predict() returns); got {m.shape}")
         mask[...] = m.reshape(mask.shape)
     return {"mask_input": mask,
-            "has_mask_input": np.array([float(mask_input is not None)], np.float32)}
+            "has_mask_input": np.full(rows, float(mask_input is not None), np.float32)}
+
+
+def stability(logits: np.ndarray, delta: float) -> np.ndarray:
+    """SAM 2's MaskDecoder._get_stability_scores: the area above +delta over the area above
+    -delta, per mask (1 where both are empty)."""
+    flat = logits.reshape(*logits.shape[:-2], -1)
+    inner = np.count_nonzero(flat > delta, axis=-1)
+    outer = np.count_nonzero(flat > -delta, axis=-1)
+    return np.where(outer > 0, inner / np.maximum(outer, 1), 1.0)
 
 
 #: How decoder sessions differ from the caller's config: no memory pattern (it plans for one
@@ -115,11 +137,15 @@ class SamOnnxPredictor:
         #: What the graphs' family declares: pre-processing, mask size and threshold.
         self.family = graph_family(self._decoder_graph, self.decoder_contract)
         self._low_res_size = self.family.postprocess.low_res_size
+        self._outputs = read_outputs(self.decoder_contract, self._low_res_size)
         self._num_masks = int(self.decoder_contract.output("iou_predictions").shape[-1])
         #: The graph picks the masks itself (HQ-SAM's decoders take multimask_output).
         self._graph_selects = "multimask_output" in self.decoder_contract.input_names
         #: Many prompts a run (a batched decoder), or one.
         self.batched = isinstance(self.decoder_contract.input("point_coords").shape[0], str)
+        #: A mask prompt per prompt row (SAM 2's decoders), or one for the run.
+        self._mask_rows = "mask_input" in self.decoder_contract.input_names and isinstance(
+            self.decoder_contract.input("mask_input").shape[0], str)
         # Prompts without a mask run a session with the mask inputs bound to "no mask",
         # whose mask branch ONNX Runtime folds away at load (vit_b: 17.6 -> 16.2 ms a
         # prompt, measured); a mask prompt runs the whole graph, in a session made for it
@@ -142,7 +168,7 @@ class SamOnnxPredictor:
 
     def _decoder_session(self, bound: Dict[str, np.ndarray]) -> Session:
         return create(_decoder_source(self._decoder_path, self._decoder_graph,
-                                      self.decoder_contract, bound),
+                                      self.decoder_contract, self._outputs, bound),
                       self._session_config, name=Path(self._decoder_path).name)
 
     # -- image ---------------------------------------------------------------------------
@@ -159,10 +185,11 @@ class SamOnnxPredictor:
         self._set_encoded(dict(zip(self.encoder.output_names, outputs)))
 
     def _set_encoded(self, encoded: Dict[str, np.ndarray]) -> None:
-        """Every encoder output (HQ-SAM's also returns its intermediate embeddings), fed to
-        the decoder by name; ``features`` is the image embedding, as SamPredictor's."""
+        """Every encoder output (HQ-SAM's also returns its intermediate embeddings, SAM 2's its
+        high-resolution maps), fed to the decoder by name; ``features`` is the image
+        embedding, as SamPredictor's."""
         self.encoded = encoded
-        self.features = encoded["image_embeddings"]
+        self.features = encoded[self.family.embedding]
         self.is_image_set = True
 
     def get_image_embedding(self) -> np.ndarray:
@@ -187,8 +214,8 @@ class SamOnnxPredictor:
                 sizes = {k: tuple(int(v) for v in data[k]) for k in ("original_size",
                                                                      "input_size")}
                 encoded = {k: data[k] for k in data.files if k not in sizes}
-            if "image_embeddings" not in encoded:
-                raise KeyError("image_embeddings")
+            if self.family.embedding not in encoded:
+                raise KeyError(self.family.embedding)
         except (OSError, KeyError, ValueError) as exc:
             raise SamOnnxError(f"cannot read embedding {path} ({exc}); write it with "
                                "save_embedding()") from None
@@ -203,37 +230,56 @@ class SamOnnxPredictor:
     def predict(self, point_coords: Optional[np.ndarray] = None,
                 point_labels: Optional[np.ndarray] = None, box: Optional[np.ndarray] = None,
                 mask_input: Optional[np.ndarray] = None, multimask_output: bool = True,
-                return_logits: bool = False, hq_token_only: bool = False
-                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """As SamPredictor.predict: (masks CxHxW, scores C, low-res logits Cx256x256).
+                return_logits: bool = False, hq_token_only: bool = False,
+                normalize_coords: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """As SamPredictor.predict (and SAM2ImagePredictor.predict): (masks CxHxW, scores C,
+        low-res logits Cx256x256).
 
         ``hq_token_only``: as HQ-SAM's SamPredictor (HQ decoders only), whose decoders return
-        one mask: SAM's chosen one plus the HQ mask, or the HQ mask alone."""
+        one mask: SAM's chosen one plus the HQ mask, or the HQ mask alone.
+        ``normalize_coords``: as SAM2ImagePredictor's; False when the points and box are
+        already relative to the image's width and height (0..1)."""
         self._require_image()
+        if not normalize_coords:
+            point_coords, box = self._from_relative(point_coords, box)
         coords, labels = self._prompt(point_coords, point_labels, box)
         outputs = self._run(self._feed(coords[None], labels[None], mask_input,
                                        multimask_output=multimask_output,
                                        hq_token_only=hq_token_only))
-        picked = self._picked(multimask_output)
-        low_res, scores = outputs["low_res_masks"][0][picked], outputs["iou_predictions"][0][picked]
-        masks = transforms.postprocess_masks(
+        low_res, scores = self._select(outputs["low_res_masks"], outputs["iou_predictions"],
+                                       multimask_output)
+        masks = self.postprocess_masks(low_res[0], return_logits)
+        return masks, scores[0], self.clamp_low_res(low_res[0])
+
+    def postprocess_masks(self, low_res: np.ndarray, return_logits: bool = False) -> np.ndarray:
+        """Low-res logits (..., 256, 256) -> masks (..., H, W) at the image's size, as the
+        family's predictor makes them (thresholded unless ``return_logits``)."""
+        post = self.family.postprocess
+        return transforms.postprocess_masks(
             low_res, self.input_size, self.original_size, self.family.preprocess.image_size,
-            threshold=None if return_logits else self.family.postprocess.mask_threshold)
-        return masks, scores, low_res
+            threshold=None if return_logits else post.mask_threshold, upscale=post.upscale)
+
+    def clamp_low_res(self, low_res: np.ndarray) -> np.ndarray:
+        """The low-res logits as the family's predictor returns them (SAM 2 clips them)."""
+        clamp = self.family.postprocess.low_res_clamp
+        return low_res if clamp is None else np.clip(low_res, -clamp, clamp)
 
     def predict_batch(self, point_coords: np.ndarray, point_labels: np.ndarray,
-                      multimask_output: bool = True) -> Tuple[np.ndarray, np.ndarray]:
+                      multimask_output: bool = True,
+                      mask_input: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
         """Many point prompts at once, as SamPredictor.predict_torch without boxes (the
         padding point is added): coords (B, N, 2) in the original image's pixels, labels
-        (B, N) -> low-res logits (B, C, 256, 256) and scores (B, C); no upscaling.
+        (B, N), optionally a low-res mask prompt per prompt (B, 256, 256) -> low-res logits
+        (B, C, 256, 256) and scores (B, C); no upscaling.
 
         A ``batched`` decoder takes many prompts in one run; other decoders one per run."""
         low_res, scores, _ = self.predict_batch_filtered(
-            point_coords, point_labels, EVERY_PROMPT, multimask_output)
+            point_coords, point_labels, EVERY_PROMPT, multimask_output, mask_input)
         return low_res, scores
 
     def predict_batch_filtered(self, point_coords: np.ndarray, point_labels: np.ndarray,
-                               pred_iou_thresh: float, multimask_output: bool = True
+                               pred_iou_thresh: float, multimask_output: bool = True,
+                               mask_input: Optional[np.ndarray] = None
                                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As predict_batch, but logits only for the prompts with a score above
         ``pred_iou_thresh``: (logits (K, C, 256, 256), scores (B, C), the K prompts' indices,
@@ -251,33 +297,78 @@ class SamOnnxPredictor:
         coords = np.concatenate([self._apply_coords(coords),
                                  np.zeros((b, 1, 2))], axis=1)
         labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
-        picked = self._picked(multimask_output)
         step = self.decoder_batch if self.batched else 1
-        scores = np.empty((b, len(range(self._num_masks)[picked])), np.float32)
-        low_res, kept = [], []
+        scores, low_res, kept = [], [], []
         for i in range(0, b, step):  # bounded runs: same speed per prompt, less memory
-            out = self._run(self._feed(coords[i:i + step], labels[i:i + step], None,
+            rows = slice(i, i + step)
+            out = self._run(self._feed(coords[rows], labels[rows],
+                                       None if mask_input is None else mask_input[rows],
                                        pred_iou_thresh, multimask_output))
-            scores[i:i + step] = out["iou_predictions"][:, picked]
+            # a batched SAM graph returns logits only for the prompts it kept
+            kept_rows = out.get("kept_prompts", np.arange(len(out["iou_predictions"])))
+            logits, score = self._select(out["low_res_masks"], out["iou_predictions"],
+                                         multimask_output, kept_rows)
+            scores.append(score)
             # the graph keeps a prompt for any of its four scores; here only the picked count
             # (a NaN score is not "at or below", so it is kept, as in the graph)
-            rows = out.get("kept_prompts", np.arange(len(out["iou_predictions"])))
-            passed = ~(scores[i + rows] <= pred_iou_thresh).all(axis=1)
-            low_res.append(out["low_res_masks"][passed, picked])
-            kept.append(i + rows[passed])
-        return np.concatenate(low_res), scores, np.concatenate(kept)
+            passed = ~(score[kept_rows] <= pred_iou_thresh).all(axis=1)
+            low_res.append(logits[passed])
+            kept.append(i + kept_rows[passed])
+        return np.concatenate(low_res), np.concatenate(scores), np.concatenate(kept)
 
     def _run(self, feed):
         problems = check_feed(self._decoder_graph, from_arrays(feed)).errors
         if problems:
             raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
-        names = [n for n in self.decoder_contract.output_names if n in READ_OUTPUTS]
-        if any(not np.array_equal(feed[name], value) for name, value in self._no_mask.items()):
+        names = list(self._outputs)
+        if any(np.any(feed[name] != 0) for name in self._no_mask):  # a mask prompt
             if self._mask_decoder is None:
                 self._mask_decoder = self._decoder_session({})
-            return dict(zip(names, self._mask_decoder.run(names, feed)))
-        unbound = {k: v for k, v in feed.items() if k not in self._no_mask}
-        return dict(zip(names, self.decoder.run(names, unbound)))
+            outputs = self._mask_decoder.run(names, feed)
+        else:
+            unbound = {k: v for k, v in feed.items() if k not in self._no_mask}
+            outputs = self.decoder.run(names, unbound)
+        return {self._outputs[name]: value for name, value in zip(names, outputs)}
+
+    def _select(self, low_res: np.ndarray, scores: np.ndarray, multimask_output: bool,
+                rows: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """The masks each prompt returns, as the family's predictor picks them: the three
+        multimask outputs, or the single mask (SAM: the first token; SAM 2: the first when
+        stable, else the best-scored multimask output); every mask when the graph chooses
+        itself. ``rows``: which prompts ``low_res`` holds (all, by default)."""
+        b, count = scores.shape
+        rows = np.arange(b) if rows is None else rows
+        if self._graph_selects:
+            index = np.broadcast_to(np.arange(count), (b, count))
+        elif count == 3:
+            if not multimask_output:
+                raise SamOnnxError(
+                    f"this {self.decoder_contract.name} decoder returns only the three "
+                    "multimask outputs; for multimask_output=False export the decoder with "
+                    "--decoder-contract batched, which returns every mask")
+            index = np.broadcast_to(np.arange(3), (b, 3))
+        elif multimask_output:
+            index = np.broadcast_to(np.arange(1, count), (b, count - 1))
+        elif self.family.postprocess.single_mask == "dynamic_stability":
+            post = self.family.postprocess
+            best = 1 + np.argmax(scores[:, 1:], axis=1)
+            single = np.zeros(b, np.int64)
+            single[rows] = stability(low_res[:, 0], post.stability_delta) >= \
+                post.stability_thresh
+            index = np.where(single == 1, 0, best)[:, None]
+        else:
+            index = np.zeros((b, 1), np.int64)
+        picked = np.take_along_axis(scores, index, axis=1)
+        return low_res[np.arange(len(rows))[:, None], index[rows]], picked
+
+    def _from_relative(self, point_coords, box):
+        """Points and box given relative to the image (0..1) -> its pixels."""
+        h, w = self.original_size
+        if point_coords is not None:
+            point_coords = np.asarray(point_coords, np.float64) * [w, h]
+        if box is not None:
+            box = np.asarray(box, np.float64).reshape(-1) * [w, h, w, h]
+        return point_coords, box
 
     def _prompt(self, point_coords, point_labels, box):
         h, w = self.original_size
@@ -312,21 +403,13 @@ class SamOnnxPredictor:
             raise SamOnnxError(f"prompt coordinates far outside the {w}x{h} image: "
                                f"{coords.min(0).tolist()} .. {coords.max(0).tolist()}; they "
                                "are (x, y) in the original image's pixels")
-        if box is None:  # SamPredictor pads with a point when there is no box
+        if box is None or self.family.pad_after_box:  # the padding point SamPredictor adds
             coords = np.concatenate([coords, [[0.0, 0.0]]])
             lab = np.concatenate([lab, [-1.0]])
         return self._apply_coords(coords), lab
 
     def _apply_coords(self, coords: np.ndarray) -> np.ndarray:
-        return transforms.apply_coords(coords, self.original_size,
-                                       self.family.preprocess.image_size)
-
-    def _picked(self, multimask_output: bool) -> slice:
-        """SamPredictor's choice: the three multimask outputs, or the single-mask token;
-        every mask when the graph chooses itself."""
-        if self._graph_selects:
-            return slice(None)
-        return slice(1, None) if multimask_output else slice(0, 1)
+        return transforms.apply_coords(coords, self.original_size, self.family.preprocess)
 
     def _feed(self, coords, labels, mask_input, pred_iou_thresh: float = EVERY_PROMPT,
               multimask_output: bool = True, hq_token_only: bool = False):
@@ -342,7 +425,8 @@ class SamOnnxPredictor:
             **self.encoded,
             "point_coords": coords.astype(np.float32),
             "point_labels": labels.astype(np.float32),
-            **_mask_prompt(mask_input, self._low_res_size),
+            **_mask_prompt(mask_input, self._low_res_size,
+                           len(coords) if self._mask_rows else 1),
             "orig_im_size": np.array(self.original_size, np.float32),
             "pred_iou_thresh": np.array([pred_iou_thresh], np.float32),
             "multimask_output": np.array([float(multimask_output)], np.float32),

@@ -1,5 +1,6 @@
-"""segment_anything's ResizeLongestSide and Sam.preprocess/postprocess_masks, in numpy, for the
-pre- and post-processing a family declares (``core.contracts.Preprocess``)."""
+"""segment_anything's ResizeLongestSide and Sam.preprocess/postprocess_masks, and SAM 2's
+SAM2Transforms, in numpy, for the pre- and post-processing a family declares
+(``core.contracts.Preprocess`` / ``Postprocess``)."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -18,11 +19,18 @@ def preprocess_shape(h: int, w: int, long_side: int) -> Tuple[int, int]:
     return int(h * scale + 0.5), int(w * scale + 0.5)
 
 
+def input_shape(h: int, w: int, pre: Preprocess) -> Tuple[int, int]:
+    """The (h, w) an image of (h, w) is resized to before it is padded."""
+    if pre.resize == "square":
+        return pre.image_size, pre.image_size
+    return preprocess_shape(h, w, pre.image_size)
+
+
 def apply_coords(coords: np.ndarray, original_size: Tuple[int, int],
-                 long_side: int) -> np.ndarray:
-    """(x, y) in the original image's pixels -> in the resized ``long_side`` frame."""
+                 pre: Preprocess) -> np.ndarray:
+    """(x, y) in the original image's pixels -> in the resized frame."""
     h, w = original_size
-    new_h, new_w = preprocess_shape(h, w, long_side)
+    new_h, new_w = input_shape(h, w, pre)
     coords = np.array(coords, dtype=np.float64, copy=True)
     coords[..., 0] *= new_w / w
     coords[..., 1] *= new_h / h
@@ -33,13 +41,18 @@ def image_to_input(image: np.ndarray, pre: Preprocess) -> Tuple[np.ndarray, Tupl
     """HxWx3 uint8 -> the encoder's 1x3xSxS float32 (S: ``pre.image_size``), and the resized
     (h, w).
 
-    The resize is PIL's bilinear, as segment_anything's (torchvision on a PIL image)."""
-    if (pre.resize, pre.pad) != ("longest_side", "bottom_right"):
-        raise NotImplementedError(f"resize {pre.resize!r} with pad {pre.pad!r}")
+    The resize is PIL's bilinear: on the uint8 image for SAM, as segment_anything's
+    (torchvision on a PIL image); on each channel as float for SAM 2, whose SAM2Transforms
+    resize the float tensor with antialiasing, the filter PIL's is (no rounding to uint8)."""
     h, w = image.shape[:2]
     size = pre.image_size
-    new_h, new_w = preprocess_shape(h, w, size)
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
+    new_h, new_w = input_shape(h, w, pre)
+    if pre.resize == "square":
+        resized = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32))
+                                       .resize((new_w, new_h), Image.BILINEAR))
+                            for c in range(3)], axis=-1)
+    else:
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
     x = (resized.astype(np.float32) - np.float32(pre.pixel_mean)) / np.float32(pre.pixel_std)
     out = np.zeros((1, 3, size, size), np.float32)
     out[0, :, :new_h, :new_w] = x.transpose(2, 0, 1)
@@ -62,14 +75,17 @@ def _bilinear_matrix(out_size: int, in_size: int) -> np.ndarray:
 
 def postprocess_masks(low_res: np.ndarray, input_size: Tuple[int, int],
                       original_size: Tuple[int, int], image_size: int,
-                      threshold: Optional[float] = None) -> np.ndarray:
+                      threshold: Optional[float] = None,
+                      upscale: str = "padded_input") -> np.ndarray:
     """(..., 256, 256) logits -> (..., H, W): upscale to ``image_size``, crop the padding,
-    resize to the original size; the three steps folded into one band matrix per axis.
+    resize to the original size, the three steps folded into one band matrix per axis;
+    ``upscale="original"``: one resize straight to the original size (SAM 2).
 
     ``threshold``: return ``logits > threshold`` (bool) instead, thresholding each block of
     rows while it is in cache rather than writing and re-reading the float masks."""
     with _blas().limit(limits=1, user_api="blas"):
-        return _band_products(low_res, input_size, original_size, image_size, threshold)
+        return _band_products(low_res, input_size, original_size, image_size, threshold,
+                              upscale == "original")
 
 
 @functools.lru_cache(maxsize=1)
@@ -80,9 +96,9 @@ def _blas() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _band_products(low_res, input_size, original_size, image_size, threshold):
+def _band_products(low_res, input_size, original_size, image_size, threshold, direct):
     rows, cols, row_bands, col_bands = _resize_matrices(
-        tuple(low_res.shape[-2:]), tuple(input_size), tuple(original_size), image_size)
+        tuple(low_res.shape[-2:]), tuple(input_size), tuple(original_size), image_size, direct)
     x = low_res.astype(np.float32, copy=False)
     wide = np.empty((*x.shape[:-1], cols.shape[1]), np.float32)
     out = np.empty((*x.shape[:-2], rows.shape[0], cols.shape[1]),
@@ -122,13 +138,17 @@ def _helper() -> concurrent.futures.ThreadPoolExecutor:
 
 
 @functools.lru_cache(maxsize=16)
-def _resize_matrices(low_res_size, input_size, original_size, size):
+def _resize_matrices(low_res_size, input_size, original_size, size, direct):
     """(H x 256) and (256 x W) float32 matrices (upscale to ``size``, crop and resize per
-    axis) and their bands."""
-    rows = _bilinear_matrix(original_size[0], input_size[0]) @ \
-        _bilinear_matrix(size, low_res_size[0])[: input_size[0]]
-    cols = _bilinear_matrix(original_size[1], input_size[1]) @ \
-        _bilinear_matrix(size, low_res_size[1])[: input_size[1]]
+    axis; ``direct``: resize straight to the original size) and their bands."""
+    if direct:
+        rows = _bilinear_matrix(original_size[0], low_res_size[0])
+        cols = _bilinear_matrix(original_size[1], low_res_size[1])
+    else:
+        rows = _bilinear_matrix(original_size[0], input_size[0]) @ \
+            _bilinear_matrix(size, low_res_size[0])[: input_size[0]]
+        cols = _bilinear_matrix(original_size[1], input_size[1]) @ \
+            _bilinear_matrix(size, low_res_size[1])[: input_size[1]]
     rows, cols = rows.astype(np.float32), np.ascontiguousarray(cols.T.astype(np.float32))
     # block sizes measured on three 1800x1200 masks: 32 output rows, 64 output columns
     return rows, cols, _bands(rows, 32), _bands(cols.T, 64)

@@ -1,10 +1,12 @@
-"""``sam-onnx check``: parity of ONNX graphs with segment_anything in PyTorch, as rows a person
-can read: what was compared, on which image and prompt, how far apart, against which limit.
+"""``sam-onnx check``: parity of ONNX graphs with the model family's own code in PyTorch
+(segment_anything, mobile_sam, segment_anything_hq, sam2), as rows a person can read: what was
+compared, on which image and prompt, how far apart, against which limit.
 
-PyTorch runs segment_anything's own SamPredictor (and its automatic mask generator for a
-batched decoder); ONNX runs SamOnnxPredictor, end to end (ONNX embeddings into the ONNX
-decoder), as users run it. Limits are the contracts' tolerances for the precision checked.
-Graphs from other exporters work too: the predictor reads their contract from the graph.
+PyTorch runs the family's own SamPredictor (SAM2ImagePredictor for SAM 2; and its automatic
+mask generator for a decoder that batches prompts); ONNX runs SamOnnxPredictor, end to end
+(ONNX embeddings into the ONNX decoder), as users run it. Limits are the contracts'
+tolerances for the precision checked. Graphs from other exporters work too: the predictor
+reads their contract from the graph.
 """
 from __future__ import annotations
 
@@ -57,6 +59,7 @@ class CheckReport:
     decoder: str
     decoder_contract: str
     weights: str
+    reference: str  # the PyTorch code compared with
     providers: List[str] = field(default_factory=list)  # what really ran, not what was asked
     rows: List[Row] = field(default_factory=list)
 
@@ -90,7 +93,7 @@ class CheckReport:
                 for r in self.rows]
         title = (f"{self.model_type} {self.precision}: {Path(self.encoder).name} + "
                  f"{Path(self.decoder).name} ({self.decoder_contract}) on "
-                 f"{', '.join(self.providers)} vs segment_anything, weights {self.weights}")
+                 f"{', '.join(self.providers)} vs {self.reference}, weights {self.weights}")
         if fmt == "markdown":
             lines = [f"**{title}**", "", "| " + " | ".join(head) + " |",
                      "|" + "---|" * len(head)]
@@ -145,7 +148,7 @@ def check(model_type: str, checkpoint: Optional[Path] = None, *, random_weights:
     tolerances = (family.encoder.tolerances[precision],
                   contract.tolerances.get(precision, family.encoder.tolerances[precision]))
     report = CheckReport(model_type, precision, str(encoder), str(decoder), contract.name,
-                         weights.checksum, onnx_pred.decoder.active)
+                         weights.checksum, family.code, onnx_pred.decoder.active)
     for name, img in loaded:
         report.rows += _image_rows(onnx_pred, torch_pred, side, name, img, tolerances)
     if automatic and onnx_pred.batched:
@@ -166,7 +169,8 @@ def require_graphs(encoder, decoder, export_to) -> None:
 def _image_rows(onnx_pred, torch_pred, side, name: str, img: np.ndarray,
                 tolerances: Tuple[Tolerance, Tolerance]) -> List[Row]:
     """Every encoder output, then each prompt kind, and each again refined with a mask prompt
-    (and, for HQ-SAM's decoders, with the HQ token's mask alone)."""
+    (and with multimask_output=False where the decoder returns a single mask; for HQ-SAM's
+    decoders, with the HQ token's mask alone)."""
     enc_tol, dec_tol = tolerances
     contract = onnx_pred.decoder_contract
     onnx_pred.set_image(img)
@@ -174,6 +178,8 @@ def _image_rows(onnx_pred, torch_pred, side, name: str, img: np.ndarray,
     rows = [_error_row("encoder", name, "embedding", output, onnx_pred.encoded[output], ref,
                        enc_tol) for output, ref in side.predictor_encoded(torch_pred).items()]
     cases = prompts(*img.shape[:2])
+    if contract.output("iou_predictions").shape[-1] != 3:  # it has a single-mask output
+        cases["points single-mask"] = {**cases["points"], "multimask_output": False}
     if "hq_token_only" in contract.input_names:
         cases.update({f"{kind} hq-only": {**p, "hq_token_only": True}
                       for kind, p in list(cases.items())})

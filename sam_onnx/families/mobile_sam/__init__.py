@@ -44,6 +44,6 @@ MOBILE_SAM = Family(
     keys=KEYS,
     identify=identify,
     torch_side="sam_onnx.families.mobile_sam.modeling",
-    torch_requires=(("torch", "torch"), ("timm", "timm"), ("mobile_sam", "mobilesam-mirror"),
+    torch_requires=(("torch", "torch"), ("mobile_sam", "mobilesam-mirror"), ("timm", "timm"),
                     ("segment_anything", "segment-anything")),
 )

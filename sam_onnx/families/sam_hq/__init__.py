@@ -45,8 +45,7 @@ SAM_HQ = Family(
     keys=KEYS,
     identify=identify,
     torch_side="sam_onnx.families.sam_hq.modeling",
-    torch_requires=(("torch", "torch"), ("timm", "timm"),
-                    ("segment_anything_hq", "segment-anything-hq"),
-                    ("segment_anything", "segment-anything")),
+    torch_requires=(("torch", "torch"), ("segment_anything_hq", "segment-anything-hq"),
+                    ("timm", "timm"), ("segment_anything", "segment-anything")),
     decoder_forms={"official": "hq_official", "batched": "hq_batched"},
 )

@@ -1,0 +1,100 @@
+"""SAM 2's image graphs, declared once as data.
+
+The encoder returns what SAM2ImagePredictor.set_image keeps: the image embedding with the
+no-memory embedding added, and the two high-resolution maps already projected by the mask
+decoder's conv_s0 / conv_s1. The decoders take samexporter's seven inputs (the form
+X-AnyLabeling and AnyLabeling load), prompts batched along the first axis.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from ...core.contracts import GraphContract, Postprocess, Preprocess, TensorSpec, Tolerance
+
+IMAGE_SIZE = 1024
+MASK_INPUT_SIZE = 256
+NUM_MASK_TOKENS = 4
+#: SAM2Transforms: resize to 1024x1024 (aspect ratio not kept), ImageNet mean/std.
+PREPROCESS = Preprocess(image_size=IMAGE_SIZE, pixel_mean=(123.675, 116.28, 103.53),
+                        pixel_std=(58.395, 57.12, 57.375), resize="square", pad="none")
+#: SAM2ImagePredictor: logits resized straight to the image, a single mask chosen by
+#: stability (build_sam2's apply_postprocessing), low-res logits returned clipped to +-32.
+POSTPROCESS = Postprocess(low_res_size=MASK_INPUT_SIZE, mask_threshold=0.0, upscale="original",
+                          single_mask="dynamic_stability", low_res_clamp=32.0)
+
+_FP32 = "float32"
+_M = MASK_INPUT_SIZE
+_N = "num_labels"
+
+_FEATURES = (
+    TensorSpec("high_res_feats_0", _FP32, (1, 32, 256, 256),
+               "the Hiera's stride-4 features through the mask decoder's conv_s0"),
+    TensorSpec("high_res_feats_1", _FP32, (1, 64, 128, 128),
+               "the Hiera's stride-8 features through the mask decoder's conv_s1"),
+    TensorSpec("image_embed", _FP32, (1, 256, 64, 64),
+               "the stride-16 image embedding with the no-memory embedding added"),
+)
+_INPUTS = (
+    _FEATURES[2], *_FEATURES[:2],
+    TensorSpec("point_coords", _FP32, (_N, "num_points", 2),
+               "(x, y) in the 1024x1024 resized frame (x * 1024 / width); a box is two points "
+               "labelled 2 and 3; one row of points per prompt"),
+    TensorSpec("point_labels", _FP32, (_N, "num_points"),
+               "1 foreground, 0 background, 2/3 box corners, -1 padding (add one when there "
+               "is no box)"),
+    TensorSpec("mask_input", _FP32, (_N, 1, _M, _M),
+               "low-res logits of an earlier prediction, to refine"),
+    TensorSpec("has_mask_input", _FP32, (_N,), "1 where mask_input holds a mask, else 0"),
+)
+_TOLERANCES = {
+    "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_mask_iou=0.99),
+    "fp16": Tolerance(atol=1e-3, rtol=0.02, min_mask_iou=0.98),
+    "int8": Tolerance(atol=0.0, rtol=0.25, min_mask_iou=0.95),
+}
+
+SAM2_ENCODER = GraphContract(
+    name="sam2_encoder",
+    role="encoder",
+    doc="SAM 2's Hiera image encoder on one pre-processed image: the embedding and the two "
+    "high-resolution maps the decoder fuses.",
+    inputs=(TensorSpec("image", _FP32, (1, 3, IMAGE_SIZE, IMAGE_SIZE),
+                       "RGB resized to 1024x1024, normalized by ImageNet mean/std"),),
+    outputs=_FEATURES,
+    tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "fp16": Tolerance(atol=1e-3, rtol=0.02),
+                "int8": Tolerance(atol=0.0, rtol=0.25)},
+)
+
+SAM2_OFFICIAL = GraphContract(
+    name="sam2_official",
+    role="decoder",
+    doc="samexporter's SAM 2 decoder (the form X-AnyLabeling loads): prompt encoder and mask "
+    "decoder, the three multimask outputs as low-res logits clipped to +-32; the caller "
+    "resizes them to the image.",
+    inputs=_INPUTS,
+    outputs=(
+        TensorSpec("masks", _FP32, (_N, 3, _M, _M), "low-res logits of the three multimask "
+                   "outputs, clipped to +-32"),
+        TensorSpec("iou_predictions", _FP32, (_N, 3), "predicted IoU per mask"),
+    ),
+    tolerances=_TOLERANCES,
+)
+
+SAM2_BATCHED = GraphContract(
+    name="sam2_batched",
+    role="decoder",
+    doc="The same inputs, all four mask tokens returned unclipped: what multimask_output=False "
+    "(SAM 2's stability-chosen single mask) and the automatic mask generator's "
+    "multimask_output option need.",
+    inputs=_INPUTS,
+    outputs=(
+        TensorSpec("low_res_masks", _FP32, (_N, NUM_MASK_TOKENS, _M, _M),
+                   "mask logits at 256x256 per prompt (single-mask token first)"),
+        TensorSpec("iou_predictions", _FP32, (_N, NUM_MASK_TOKENS),
+                   "predicted IoU per prompt and mask"),
+    ),
+    tolerances=_TOLERANCES,
+)
+
+#: By name; the encoder first, then the decoders.
+CONTRACTS: Dict[str, GraphContract] = {
+    c.name: c for c in (SAM2_ENCODER, SAM2_OFFICIAL, SAM2_BATCHED)}

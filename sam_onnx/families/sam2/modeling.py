@@ -1,0 +1,145 @@
+"""SAM 2's PyTorch side: sam2's builder and reference predictors, and the modules exported for
+its contracts.
+
+The encoder runs sam2's own ``forward_image`` and ``_prepare_backbone_features`` and adds the
+no-memory embedding, as SAM2ImagePredictor.set_image; the decoders run sam2's own prompt
+encoder (``_embed_points``) and ``MaskDecoder.predict_masks``. Written here are only what
+makes one graph serve every call: the mask prompt chosen by ``has_mask_input`` rather than by
+a Python ``if``, and the image repeated per prompt, so that prompts batch along the first axis.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, Mapping, Optional
+
+import numpy as np
+import torch
+from sam2.automatic_mask_generator import SAM2AutomaticMaskGenerator
+from sam2.build_sam import build_sam2
+from sam2.sam2_image_predictor import SAM2ImagePredictor
+from torch import nn
+
+from ...core.errors import CheckpointError
+from . import config, reference
+from .contracts import POSTPROCESS
+
+__all__ = ["build", "encoder_module", "decoder_module", "reference_context", "export_context",
+           "reference", "SamPredictor", "SamAutomaticMaskGenerator", "predictor_encoded"]
+
+
+class SamPredictor(SAM2ImagePredictor):
+    """SAM2ImagePredictor, made without its torch.jit.script deprecation warning."""
+
+    def __init__(self, sam_model, **kwargs) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            super().__init__(sam_model, **kwargs)
+
+
+class SamAutomaticMaskGenerator(SAM2AutomaticMaskGenerator):
+    """SAM2AutomaticMaskGenerator, made without that warning either."""
+
+    def __init__(self, model, **kwargs) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            super().__init__(model, **kwargs)
+
+
+def build(model_type: str, state: Optional[Mapping] = None, seed: int = 0):
+    """SAM 2 through sam2's build_sam2 (with its image post-processing settings); seeded
+    random weights when ``state`` is None, else the state_dict's tensors, every one of them."""
+    torch.manual_seed(seed)
+    model = build_sam2(config(model_type), None, device="cpu")
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"the checkpoint does not fit {model_type}: {first}") from None
+    return model.eval()
+
+
+class _Encoder(nn.Module):
+    """The image embedding and the high-resolution maps, as SAM2ImagePredictor.set_image."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, image):
+        backbone_out = self.model.forward_image(image)
+        _, feats, _, sizes = self.model._prepare_backbone_features(backbone_out)
+        if self.model.directly_add_no_mem_embed:
+            feats[-1] = feats[-1] + self.model.no_mem_embed
+        maps = [f.permute(1, 2, 0).reshape(1, -1, h, w) for f, (h, w) in zip(feats, sizes)]
+        return maps[0], maps[1], maps[2]
+
+
+def encoder_module(model) -> nn.Module:
+    return _Encoder(model).eval()
+
+
+def predictor_encoded(predictor) -> Dict[str, np.ndarray]:
+    """What SAM2ImagePredictor holds after set_image, by the encoder contract's names."""
+    feats = predictor._features
+    return {"high_res_feats_0": feats["high_res_feats"][0].numpy(),
+            "high_res_feats_1": feats["high_res_feats"][1].numpy(),
+            "image_embed": feats["image_embed"].numpy()}
+
+
+def reference_context():
+    return contextlib.nullcontext()
+
+
+def export_context():
+    return contextlib.nullcontext()
+
+
+class _Decoder(nn.Module):
+    """sam2's prompt encoder and mask decoder on the seven inputs of samexporter's form."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.prompt_encoder = model.sam_prompt_encoder
+        self.mask_decoder = model.sam_mask_decoder
+        self.register_buffer("image_pe", model.sam_prompt_encoder.get_dense_pe())
+
+    def _predict(self, image_embed, high_res_feats_0, high_res_feats_1, point_coords,
+                 point_labels, mask_input, has_mask_input):
+        """All four tokens' (N, 4, 256, 256) logits and (N, 4) scores for N prompts."""
+        sparse = self.prompt_encoder._embed_points(point_coords, point_labels, pad=False)
+        has_mask = has_mask_input.reshape(-1, 1, 1, 1)
+        no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
+        dense = has_mask * self.prompt_encoder.mask_downscaling(mask_input) + \
+            (1 - has_mask) * no_mask
+        masks, scores, _, _ = self.mask_decoder.predict_masks(
+            image_embeddings=image_embed, image_pe=self.image_pe,
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, repeat_image=True,
+            high_res_features=[high_res_feats_0, high_res_feats_1])
+        return masks, scores
+
+
+class OfficialDecoder(_Decoder):
+    """The ``sam2_official`` contract: the three multimask outputs, clipped as samexporter's."""
+
+    @torch.no_grad()
+    def forward(self, *inputs):
+        masks, scores = self._predict(*inputs)
+        clamp = POSTPROCESS.low_res_clamp
+        return torch.clamp(masks[:, 1:], -clamp, clamp), scores[:, 1:]
+
+
+class BatchedDecoder(_Decoder):
+    """The ``sam2_batched`` contract: every token, unclipped."""
+
+    @torch.no_grad()
+    def forward(self, *inputs):
+        return self._predict(*inputs)
+
+
+DECODERS = {"sam2_official": OfficialDecoder, "sam2_batched": BatchedDecoder}
+
+
+def decoder_module(contract_name: str, model) -> nn.Module:
+    return DECODERS[contract_name](model).eval()
