@@ -48,9 +48,10 @@ class Family:
     #: SAM's decoder form names (official, batched...) -> this family's contract for that form,
     #: where its contracts have names of their own.
     decoder_forms: Mapping[str, str] = field(default_factory=dict)
-    #: The padding point (label -1) follows a box prompt too (SAM2ImagePredictor), not only
-    #: points alone (SamPredictor).
-    pad_after_box: bool = False
+    #: The decoder graphs append the padding point (label -1) themselves, after every prompt,
+    #: as SAM 2's prompt encoder and samexporter's graphs do; else the caller adds it to a
+    #: prompt without a box (SamPredictor).
+    graph_pads: bool = False
     #: The encoder output that is the image embedding (SamPredictor.features).
     embedding: str = "image_embeddings"
     #: The automatic mask generator's defaults where the family's own generator differs

@@ -141,11 +141,14 @@ class SamOnnxPredictor:
         self._num_masks = int(self.decoder_contract.output("iou_predictions").shape[-1])
         #: The graph picks the masks itself (HQ-SAM's decoders take multimask_output).
         self._graph_selects = "multimask_output" in self.decoder_contract.input_names
-        #: Many prompts a run (a batched decoder), or one.
-        self.batched = isinstance(self.decoder_contract.input("point_coords").shape[0], str)
         #: A mask prompt per prompt row (SAM 2's decoders), or one for the run.
         self._mask_rows = "mask_input" in self.decoder_contract.input_names and isinstance(
             self.decoder_contract.input("mask_input").shape[0], str)
+        #: Many prompts a run (a batched decoder), or one. samexporter's SAM 2 decoder
+        #: declares a dynamic prompt axis but was traced with one prompt and fails with more
+        #: (measured: a Mul broadcasting 16 by 64): only sam-onnx's own such graphs batch.
+        self.batched = isinstance(self.decoder_contract.input("point_coords").shape[0], str) \
+            and (not self._mask_rows or metadata.recorded_contract(self._decoder_graph) is not None)
         # Prompts without a mask run a session with the mask inputs bound to "no mask",
         # whose mask branch ONNX Runtime folds away at load (vit_b: 17.6 -> 16.2 ms a
         # prompt, measured); a mask prompt runs the whole graph, in a session made for it
@@ -294,9 +297,10 @@ class SamOnnxPredictor:
             raise SamOnnxError(f"point_coords must be BxNx2 and point_labels BxN; got "
                                f"{coords.shape} and {labels.shape}")
         b = len(coords)
-        coords = np.concatenate([self._apply_coords(coords),
-                                 np.zeros((b, 1, 2))], axis=1)
-        labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
+        coords = self._apply_coords(coords)
+        if not self.family.graph_pads:  # the padding point predict_torch adds
+            coords = np.concatenate([coords, np.zeros((b, 1, 2))], axis=1)
+            labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
         step = self.decoder_batch if self.batched else 1
         scores, low_res, kept = [], [], []
         for i in range(0, b, step):  # bounded runs: same speed per prompt, less memory
@@ -403,7 +407,7 @@ class SamOnnxPredictor:
             raise SamOnnxError(f"prompt coordinates far outside the {w}x{h} image: "
                                f"{coords.min(0).tolist()} .. {coords.max(0).tolist()}; they "
                                "are (x, y) in the original image's pixels")
-        if box is None or self.family.pad_after_box:  # the padding point SamPredictor adds
+        if box is None and not self.family.graph_pads:  # the padding point SamPredictor adds
             coords = np.concatenate([coords, [[0.0, 0.0]]])
             lab = np.concatenate([lab, [-1.0]])
         return self._apply_coords(coords), lab

@@ -72,7 +72,7 @@ SAM2 = Family(
     torch_side="sam_onnx.families.sam2.modeling",
     torch_requires=(("torch", "torch"), ("sam2", "rf-sam-2"), ("hydra", "hydra-core")),
     decoder_forms={"official": "sam2_official", "batched": "sam2_batched"},
-    pad_after_box=True,
+    graph_pads=True,
     embedding="image_embed",
     generator_defaults={"pred_iou_thresh": 0.8},
 )

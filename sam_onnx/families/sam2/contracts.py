@@ -40,8 +40,8 @@ _INPUTS = (
                "(x, y) in the 1024x1024 resized frame (x * 1024 / width); a box is two points "
                "labelled 2 and 3; one row of points per prompt"),
     TensorSpec("point_labels", _FP32, (_N, "num_points"),
-               "1 foreground, 0 background, 2/3 box corners, -1 padding (add one when there "
-               "is no box)"),
+               "1 foreground, 0 background, 2/3 box corners (first), -1 padding to a common "
+               "count; the graph appends SAM 2's padding point itself"),
     TensorSpec("mask_input", _FP32, (_N, 1, _M, _M),
                "low-res logits of an earlier prediction, to refine"),
     TensorSpec("has_mask_input", _FP32, (_N,), "1 where mask_input holds a mask, else 0"),

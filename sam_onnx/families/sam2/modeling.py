@@ -107,8 +107,9 @@ class _Decoder(nn.Module):
 
     def _predict(self, image_embed, high_res_feats_0, high_res_feats_1, point_coords,
                  point_labels, mask_input, has_mask_input):
-        """All four tokens' (N, 4, 256, 256) logits and (N, 4) scores for N prompts."""
-        sparse = self.prompt_encoder._embed_points(point_coords, point_labels, pad=False)
+        """All four tokens' (N, 4, 256, 256) logits and (N, 4) scores for N prompts; the
+        padding point is appended here, as sam2's prompt encoder and samexporter's graph do."""
+        sparse = self.prompt_encoder._embed_points(point_coords, point_labels, pad=True)
         has_mask = has_mask_input.reshape(-1, 1, 1, 1)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = has_mask * self.prompt_encoder.mask_downscaling(mask_input) + \

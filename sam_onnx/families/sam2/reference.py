@@ -47,20 +47,19 @@ def _frame(points: np.ndarray, image_size) -> np.ndarray:
 
 
 def _grid(prompt: Prompt, per_side: int = 3):
-    """Each of the prompt's points and a grid over its image, one point (and the padding
-    point) per prompt, as the automatic mask generator sends them: (B, 2, 2), (B, 2)."""
+    """Each of the prompt's points and a grid over its image, one point per prompt, as the
+    automatic mask generator sends them: (B, 1, 2), (B, 1)."""
     h, w = prompt.image_size
     offsets = (np.arange(per_side) + 0.5) / per_side
     grid = np.stack(np.meshgrid(offsets * w, offsets * h), -1).reshape(-1, 2)
     points = _frame(np.concatenate([prompt.points, grid]), prompt.image_size)
     labels = np.concatenate([prompt.labels, np.ones(len(grid))])
-    return (np.concatenate([points[:, None], np.zeros_like(points)[:, None]], 1),
-            np.stack([labels, -np.ones_like(labels)], 1))
+    return points[:, None], labels[:, None]
 
 
 def decoder_feed(contract: GraphContract, encoded: Arrays, prompt: Prompt) -> Arrays:
     """``sam2_batched`` gets a grid of prompts at once; ``sam2_official`` the prompt itself
-    (box corners first, and the padding point even after a box, as SAM2ImagePredictor)."""
+    (box corners first, as SAM2ImagePredictor); the graphs add the padding point."""
     if contract.name == "sam2_batched":
         coords, labels = _grid(prompt)
         with_mask = False
@@ -70,7 +69,6 @@ def decoder_feed(contract: GraphContract, encoded: Arrays, prompt: Prompt) -> Ar
             corners = _frame(prompt.box.reshape(2, 2), prompt.image_size)
             coords, labels = np.concatenate([corners, coords]), np.concatenate([[2.0, 3.0],
                                                                                  labels])
-        coords, labels = np.concatenate([coords, [[0.0, 0.0]]]), np.append(labels, -1.0)
         coords, labels = coords[None], labels[None]
         with_mask = prompt.with_mask
     n = len(coords)
@@ -89,9 +87,7 @@ def decoder_reference(model, contract: GraphContract, encoded: Arrays, prompt: P
     high_res = [torch.from_numpy(encoded[f"high_res_feats_{i}"]) for i in (0, 1)]
     embed = torch.from_numpy(encoded["image_embed"])
     if contract.name == "sam2_batched":
-        # the prompt encoder adds the padding point itself
-        points = (torch.from_numpy(feed["point_coords"][:, :1]),
-                  torch.from_numpy(feed["point_labels"][:, :1]))
+        points = (torch.from_numpy(feed["point_coords"]), torch.from_numpy(feed["point_labels"]))
         sparse, dense = model.sam_prompt_encoder(points=points, boxes=None, masks=None)
         masks, scores, _, _ = model.sam_mask_decoder.predict_masks(
             image_embeddings=embed, image_pe=model.sam_prompt_encoder.get_dense_pe(),
