@@ -338,16 +338,16 @@ def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
             f"{' or '.join(sorted(EMBEDDINGS))} input", "pass an encoder then a decoder",
             model=names[1]))
         return report
-    if embedding not in outputs:  # another tool's name for it: its only output
+    if embedding not in outputs and len(outputs) == 1:  # another tool's name for it
         outputs[embedding] = next(iter(outputs.values()))
     for name, into in inputs.items():
         if name in outputs:
             _pair_tensor(report, outputs.get(name), into, names)
-        elif name in ENCODER_OUTPUTS:
+        elif name in ENCODER_OUTPUTS or name == embedding:
             report.add(PAIR_EMBEDDINGS.finding(
                 f"input:{name}", f"{names[1]} takes {name}, which {names[0]} does not return",
-                "pair the decoder with its own encoder (an HQ-SAM decoder needs HQ-SAM's "
-                "encoder)", expected=name, model=names[1]))
+                "pair the decoder with its own model's encoder (an HQ-SAM or SAM 2 decoder "
+                "needs that model's encoder)", expected=name, model=names[1]))
     types = [metadata.read(m).get("model_type") for m in (encoder, decoder)]
     if all(types) and types[0] != types[1]:
         report.add(PAIR_MODEL_TYPE.finding(

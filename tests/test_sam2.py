@@ -1,0 +1,256 @@
+"""SAM 2.1 (sam2.1_hiera_tiny) through the whole toolchain, against sam2's own PyTorch code:
+random weights saved from sam2's build_sam2 in Meta's checkpoint layout, exported, checked with
+`sam-onnx check` against SAM2ImagePredictor and SAM2AutomaticMaskGenerator (its own options
+too: use_m2m, multimask_output), validated, repaired, segmented; and the graphs samexporter's
+own export code makes (the form X-AnyLabeling loads) recognised and run."""
+import json
+import subprocess
+import sys
+import warnings
+import zipfile
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+
+import sam_onnx
+from sam_onnx.core.errors import CheckpointError
+from sam_onnx.core.parity import compare_records
+from sam_onnx.exporter.checkpoints import build, load_state_dict, load_weights
+from sam_onnx.families import identify
+from sam_onnx.graph import metadata
+from sam_onnx.runtime.images import synthetic
+
+MODEL = "sam2.1_hiera_tiny"
+#: Settings that keep random weights' masks, so that records are compared one for one.
+KEEP_ALL = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
+
+
+def _save(model_type: str, path, seed: int):
+    """Random weights from sam2's own build_sam2, saved as Meta's checkpoints are
+    ({"model": state_dict})."""
+    from sam2.build_sam import build_sam2
+
+    from sam_onnx.families.sam2 import config
+
+    torch.manual_seed(seed)
+    torch.save({"model": build_sam2(config(model_type), None, device="cpu").state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return _save(MODEL, tmp_path_factory.mktemp("sam2") / f"{MODEL}.pt", seed=3)
+
+
+@pytest.fixture(scope="module")
+def sam2(checkpoint, tmp_path_factory):
+    """Encoder and sam2_official decoder by the CLI (--decoder-contract official picks SAM 2's
+    own), the sam2_batched decoder by the library; each checked by the exporter itself."""
+    out = tmp_path_factory.mktemp("sam2_graphs")
+    proc = run_cli("export", "--model", MODEL, "--checkpoint", checkpoint, "--out", out)
+    assert proc.returncode == 0, proc.stderr
+    sam_onnx.export(MODEL, checkpoint=checkpoint, out_dir=out, encoder=False,
+                    decoder_contract="batched")
+    return {"encoder": out / f"{MODEL}_encoder.onnx",
+            "official": out / f"{MODEL}_decoder_sam2_official.onnx",
+            "batched": out / f"{MODEL}_decoder_sam2_batched.onnx", "checkpoint": checkpoint}
+
+
+@pytest.fixture(scope="module")
+def torch_model(checkpoint):
+    return build(MODEL, load_state_dict(checkpoint), source=str(checkpoint))
+
+
+@pytest.fixture(scope="module")
+def samexporter(checkpoint, tmp_path_factory):
+    """The encoder and decoder samexporter 0.5.0's own export_sam2 writes, run from its wheel
+    (its pins, torch 2.10 among them, keep it out of our environment; the code is pure
+    Python)."""
+    tmp = tmp_path_factory.mktemp("samexporter")
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                          str(tmp), "samexporter==0.5.0"], capture_output=True, text=True,
+                         timeout=300)
+    if got.returncode != 0:
+        pytest.skip(f"samexporter's wheel is not reachable: {got.stderr.strip()[-200:]}")
+    (wheel,) = tmp.glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp / "code")
+    enc, dec = tmp / "encoder.onnx", tmp / "decoder.onnx"
+    proc = run_cli_module("samexporter.export_sam2", "--checkpoint", checkpoint,
+                          "--output_encoder", enc, "--output_decoder", dec, "--model_type",
+                          MODEL, pythonpath=tmp / "code")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return enc, dec
+
+
+def run_cli_module(module, *args, pythonpath):
+    import os
+
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
+                          text=True, env=env, timeout=900)
+
+
+def test_a_sam2_checkpoint_is_told_by_its_hiera_and_version(checkpoint, tmp_path,
+                                                           tiny_checkpoint):
+    assert identify(load_state_dict(checkpoint)) == MODEL
+    v20 = _save("sam2_hiera_tiny", tmp_path / "sam2_hiera_tiny.pt", seed=1)
+    assert identify(load_state_dict(v20)) == "sam2_hiera_tiny"  # 2.0: no spatial no-object
+    with pytest.raises(CheckpointError, match=r"is a sam2_hiera_tiny checkpoint, not "
+                                              r"sam2.1_hiera_tiny: pass --model sam2_hiera_tiny"):
+        load_weights(MODEL, v20)
+    with pytest.raises(CheckpointError, match=r"is a tiny checkpoint, not sam2.1_hiera_small"):
+        load_weights("sam2.1_hiera_small", tiny_checkpoint)
+
+
+def test_the_graphs_declare_and_record_sam2_contracts(sam2):
+    encoder = onnx.load(str(sam2["encoder"]), load_external_data=False)
+    assert [o.name for o in encoder.graph.output] == ["high_res_feats_0", "high_res_feats_1",
+                                                       "image_embed"]
+    decoder = onnx.load(str(sam2["official"]), load_external_data=False)
+    assert [i.name for i in decoder.graph.input] == [
+        "image_embed", "high_res_feats_0", "high_res_feats_1", "point_coords", "point_labels",
+        "mask_input", "has_mask_input"]  # samexporter's seven, in its order
+    record = metadata.read(decoder)
+    assert (record["family"], record["model_type"], record["contract"]) == (
+        "sam2", MODEL, "sam2_official")
+
+
+@pytest.mark.parametrize("decoder", ["official", "batched"])
+def test_check_against_sam2s_predictor_and_generator(sam2, decoder):
+    proc = run_cli("check", "--model", MODEL, "--checkpoint", sam2["checkpoint"],
+                   "--encoder", sam2["encoder"], "--decoder", sam2[decoder], "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["reference"] == "sam2"
+    rows = report["rows"]
+    passed = {(r["stage"], r["output"]) for r in rows if r["status"] == "pass"}
+    assert {("encoder", "high_res_feats_0"), ("encoder", "image_embed")} <= passed
+    single = [r for r in rows if r["case"] == "points single-mask"]
+    assert bool(single) == (decoder == "batched")  # the official form has no single mask
+    (row,) = [r for r in rows if r["stage"] == "automatic masks"]
+    assert row["status"] == "pass" and "records" in row["note"]
+
+
+def test_check_exports_with_random_weights_and_passes(tmp_path):
+    """The issue's 'done when': check --model sam2.1_hiera_tiny --random-weights --export-to."""
+    Image.fromarray(synthetic(180, 260)).save(tmp_path / "card.png")
+    proc = run_cli("check", "--model", MODEL, "--random-weights", "--export-to", tmp_path,
+                   "--image", tmp_path / "card.png")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
+
+
+def test_predictor_mirrors_sam2_image_predictor(sam2, torch_model):
+    from sam_onnx.families.sam2.modeling import SamPredictor
+
+    torch_pred = SamPredictor(torch_model)
+    onnx_pred = sam_onnx.SamOnnxPredictor(sam2["encoder"], sam2["batched"])
+    img = synthetic(240, 360)
+    onnx_pred.set_image(img)
+    torch_pred.set_image(img)
+    calls = [
+        dict(point_coords=np.array([[0.4, 0.5], [0.8, 0.2]]), point_labels=np.array([1, 0]),
+             normalize_coords=False),
+        dict(point_coords=np.array([[150, 120]]), point_labels=np.array([1]),
+             box=np.array([40, 30, 250, 200]), multimask_output=False),
+        dict(box=np.array([40, 30, 250, 200]), multimask_output=False,
+             mask_input=np.full((1, 256, 256), 40.0, np.float32)),
+    ]
+    for call in calls:
+        got = onnx_pred.predict(**call, return_logits=True)
+        want = torch_pred.predict(**call, return_logits=True)
+        assert got[0].shape == want[0].shape
+        np.testing.assert_allclose(got[2], want[2], atol=2e-4)  # clipped to +-32, as SAM 2's
+        np.testing.assert_allclose(got[1], want[1], atol=2e-4)
+        assert np.mean((got[0] > 0) == (want[0] > 0)) > 0.999
+    assert onnx_pred.predict(**calls[2])[2].max() <= 32.0
+    official = sam_onnx.SamOnnxPredictor(sam2["encoder"], sam2["official"])
+    official.set_image(img)
+    with pytest.raises(sam_onnx.SamOnnxError, match="only the three multimask outputs; .* "
+                                                    "--decoder-contract batched"):
+        official.predict(np.array([[150, 120]]), np.array([1]), multimask_output=False)
+
+
+@pytest.mark.parametrize("options", [dict(use_m2m=True), dict(multimask_output=False)])
+def test_generator_mirrors_sam2s_generator_options(sam2, torch_model, options):
+    from sam_onnx.families.sam2.modeling import SamAutomaticMaskGenerator
+
+    img = synthetic(200, 300)
+    settings = dict(points_per_side=4, **KEEP_ALL, **options)
+    want = SamAutomaticMaskGenerator(torch_model, **settings).generate(img)
+    got = sam_onnx.SamOnnxAutomaticMaskGenerator((sam2["encoder"], sam2["batched"]),
+                                                 **settings).generate(img)
+    parity = compare_records(want, got)
+    assert parity.passed and parity.count == len(want) > 0, parity
+
+
+def test_the_generator_takes_sam2s_defaults(sam2):
+    generator = sam_onnx.SamOnnxAutomaticMaskGenerator((sam2["encoder"], sam2["batched"]))
+    assert generator.pred_iou_thresh == 0.8  # SAM2AutomaticMaskGenerator's, not SAM's 0.88
+    assert generator.predictor.batched
+
+
+def test_samexporters_own_graphs_are_recognised_and_match_sam2(samexporter, sam2):
+    enc, dec = samexporter
+    proc = run_cli("validate", enc, dec, "--format", "json")
+    assert proc.returncode == 0, proc.stdout
+    messages = [f["message"] for f in json.loads(proc.stdout)["findings"]]
+    assert "matches the sam2_encoder contract" in messages
+    assert "matches the sam2_official contract" in messages
+    proc = run_cli("check", "--model", MODEL, "--checkpoint", sam2["checkpoint"], "--encoder",
+                   enc, "--decoder", dec)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # providers falling back to the CPU
+        predictor = sam_onnx.SamOnnxPredictor(enc, dec)
+    assert not predictor.batched  # traced with one prompt, it fails with more
+
+
+def test_a_sam2_decoder_fed_sams_feed_names_what_is_missing(sam2, tiny_export):
+    report = sam_onnx.validate(sam2["official"], feed="official")
+    missing = {f.expected for f in report.findings if f.code == "SAM020"}
+    assert missing == {"image_embed", "high_res_feats_0", "high_res_feats_1"}
+    assert sam_onnx.validate(sam2["official"], feed="sam2_official", run=True).ok
+    assert sam_onnx.validate(sam2["batched"], feed="sam2_batched", run=True).ok
+    proc = run_cli("validate", sam2["encoder"], tiny_export[0] / "tiny_decoder_official.onnx")
+    assert proc.returncode == 1 and "SAM034" in proc.stdout  # another model's decoder
+    with pytest.raises(sam_onnx.SamOnnxError, match=r"takes image_embeddings, which .* does "
+                                                    r"not return; pair the decoder with its"):
+        sam_onnx.SamOnnxPredictor(sam2["encoder"], tiny_export[0] / "tiny_decoder_official.onnx")
+
+
+def test_repair_renames_a_sam2_decoders_inputs_back(sam2, tmp_path):
+    model = onnx.load(str(sam2["official"]))
+    for value in model.graph.input:
+        if value.name == "high_res_feats_0":
+            value.name = "high_res_feat_0"
+    for node in model.graph.node:
+        node.input[:] = ["high_res_feat_0" if i == "high_res_feats_0" else i for i in node.input]
+    onnx.save(model, str(tmp_path / "renamed.onnx"))
+    assert not sam_onnx.validate(tmp_path / "renamed.onnx", feed="sam2_official").ok
+    result = sam_onnx.repair(tmp_path / "renamed.onnx", tmp_path / "fixed.onnx",
+                             auto_feed="sam2_official")
+    assert result.changes == ["rename: renamed high_res_feat_0 to high_res_feats_0"]
+    assert result.parity.passed and result.report.ok
+
+
+def test_segment_runs_sam2_with_its_options_and_embeddings_keep_the_maps(sam2, tmp_path):
+    Image.fromarray(synthetic(200, 300)).save(tmp_path / "card.png")
+    proc = run_cli("segment", tmp_path / "card.png", "--encoder", sam2["encoder"], "--decoder",
+                   sam2["batched"], "--out", tmp_path / "seg", "--points-per-side", "4",
+                   "--pred-iou-thresh", "0", "--stability-score-thresh", "0", "--use-m2m",
+                   "--single-mask-output", "--providers", "cpu")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "seg" / "card.json").read_text())["annotations"]
+    pred = sam_onnx.SamOnnxPredictor(sam2["encoder"], sam2["official"])
+    pred.set_image(synthetic(200, 300))
+    first = pred.predict(np.array([[150, 100]]), np.array([1]))[2]
+    pred.save_embedding(tmp_path / "emb.npz")
+    again = sam_onnx.SamOnnxPredictor(None, sam2["official"])
+    again.load_embedding(tmp_path / "emb.npz")
+    assert set(again.encoded) == {"image_embed", "high_res_feats_0", "high_res_feats_1"}
+    np.testing.assert_array_equal(again.predict(np.array([[150, 100]]), np.array([1]))[2], first)
