@@ -15,7 +15,7 @@ import click
 
 from .core import logs
 from .core.errors import SamOnnxError
-from .families import CONTRACTS, DECODER_CONTRACTS, MODEL_NAMES
+from .families import CONTRACTS, EXPORTED_DECODERS, MODEL_NAMES
 
 
 def _expected_errors(fn):
@@ -99,7 +99,7 @@ def _require_graphs(encoder, decoder, export_to) -> None:
 @_weights_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("exported"),
               show_default=True, help="Output folder.")
-@click.option("--decoder-contract", type=click.Choice(DECODER_CONTRACTS), default="official",
+@click.option("--decoder-contract", type=click.Choice(EXPORTED_DECODERS), default="official",
               show_default=True, help="Which decoder inputs/outputs to export.")
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True,
               help="ONNX opset of both graphs (the exporters' common range).")
@@ -344,7 +344,7 @@ def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) 
 @_model_option(required=True)
 @_weights_options
 @_compared_graphs_options
-@click.option("--decoder-contract", type=click.Choice(DECODER_CONTRACTS), default="official",
+@click.option("--decoder-contract", type=click.Choice(EXPORTED_DECODERS), default="official",
               show_default=True, help="With --export-to: the decoder to export.")
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path),
               help="Repeatable; by default three synthetic images of different shapes.")

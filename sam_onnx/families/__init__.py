@@ -27,6 +27,11 @@ CONTRACTS: Dict[str, GraphContract] = {
     name: c for f in FAMILIES.values() for name, c in f.contracts.items()}
 DECODER_CONTRACTS: Tuple[str, ...] = tuple(n for n, c in CONTRACTS.items()
                                            if c.role == "decoder")
+#: The decoder contracts sam-onnx exports (the others are other tools' forms it recognises).
+EXPORTED_DECODERS: Tuple[str, ...] = tuple(n for f in FAMILIES.values()
+                                           for n in f.exported_decoders)
+#: Other tools' tensor names -> the families' own (ONNX Runtime's SAM 2 names).
+ALIASES: Dict[str, str] = {k: v for f in FAMILIES.values() for k, v in f.aliases.items()}
 
 
 def family_of(model: str) -> Family:
@@ -70,5 +75,6 @@ def of_graph(record: Mapping) -> Optional[Family]:
     return MODELS[model]
 
 
-__all__ = ["FAMILIES", "MODELS", "MODEL_NAMES", "CONTRACTS", "DECODER_CONTRACTS", "Family",
+__all__ = ["FAMILIES", "MODELS", "MODEL_NAMES", "CONTRACTS", "DECODER_CONTRACTS",
+           "EXPORTED_DECODERS", "ALIASES", "Family",
            "family_of", "get_contract", "identify", "declaring", "of_graph"]

@@ -52,6 +52,10 @@ class Family:
     #: as SAM 2's prompt encoder and samexporter's graphs do; else the caller adds it to a
     #: prompt without a box (SamPredictor).
     graph_pads: bool = False
+    #: Other tools' tensor names -> this family's, for feeding graphs of either naming.
+    aliases: Mapping[str, str] = field(default_factory=dict)
+    #: Contracts declared to recognise and run other tools' graphs, never exported.
+    recognised_only: Tuple[str, ...] = ()
     #: The encoder output that is the image embedding (SamPredictor.features).
     embedding: str = "image_embeddings"
     #: The automatic mask generator's defaults where the family's own generator differs
@@ -69,20 +73,30 @@ class Family:
 
     @property
     def encoder(self) -> GraphContract:
-        return next(c for c in self.contracts.values() if c.role == "encoder")
+        """The encoder contract sam-onnx exports."""
+        return next(c for name, c in self.contracts.items()
+                    if c.role == "encoder" and name not in self.recognised_only)
 
     @property
     def decoder_contracts(self) -> Tuple[str, ...]:
         return tuple(n for n, c in self.contracts.items() if c.role == "decoder")
 
+    @property
+    def exported_decoders(self) -> Tuple[str, ...]:
+        return tuple(n for n in self.decoder_contracts if n not in self.recognised_only)
+
     def decoder_contract(self, name: str) -> str:
         """The family's decoder contract for ``name``: its own contract name, or a form of
         SAM's (``--decoder-contract official`` exports HQ-SAM's hq_official)."""
+        if name in self.recognised_only:
+            raise SamOnnxError(f"{name} is another tool's form, which sam-onnx recognises and "
+                               f"runs but does not export; export one of: "
+                               f"{', '.join(self.exported_decoders)}")
         if name in self.decoder_contracts:
             return name
         if name in self.decoder_forms:
             return self.decoder_forms[name]
-        known = ", ".join(dict.fromkeys([*self.decoder_forms, *self.decoder_contracts]))
+        known = ", ".join(dict.fromkeys([*self.decoder_forms, *self.exported_decoders]))
         raise SamOnnxError(f"the {self.name} family has no {name!r} decoder; use one of: "
                            f"{known}")
 

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import onnx
 
 from ..backend import runtime_limits
-from ..families import CONTRACTS, FAMILIES
+from ..families import ALIASES, CONTRACTS, FAMILIES
 from . import feeds as feeds_
 from . import metadata, signature
 from .findings import Finding, Report
@@ -330,6 +330,10 @@ def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
     and both must be of one model."""
     report = Report()
     outputs = {t.name: t for t in signature.graph_outputs(encoder)}
+    for theirs, ours in ALIASES.items():  # ONNX Runtime's SAM 2 names for the same tensors
+        for a, b in ((theirs, ours), (ours, theirs)):
+            if a in outputs and b not in outputs:
+                outputs[b] = outputs[a]
     inputs = {t.name: t for t in signature.graph_inputs(decoder)}
     embedding = next((name for name in inputs if name in EMBEDDINGS), None)
     if embedding is None or not outputs:

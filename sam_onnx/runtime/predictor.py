@@ -141,9 +141,13 @@ class SamOnnxPredictor:
         self._num_masks = int(self.decoder_contract.output("iou_predictions").shape[-1])
         #: The graph picks the masks itself (HQ-SAM's decoders take multimask_output).
         self._graph_selects = "multimask_output" in self.decoder_contract.input_names
+        #: The decoder's inputs by the names the predictor builds them under (another tool's
+        #: names, e.g. ONNX Runtime's input_masks, mapped onto the family's, mask_input).
+        self.inputs = {self.family.aliases.get(n, n): n
+                       for n in self.decoder_contract.input_names}
         #: A mask prompt per prompt row (SAM 2's decoders), or one for the run.
-        self._mask_rows = "mask_input" in self.decoder_contract.input_names and isinstance(
-            self.decoder_contract.input("mask_input").shape[0], str)
+        self._mask_rows = "mask_input" in self.inputs and isinstance(
+            self.decoder_contract.input(self.inputs["mask_input"]).shape[0], str)
         #: Many prompts a run (a batched decoder), or one. samexporter's SAM 2 decoder
         #: declares a dynamic prompt axis but was traced with one prompt and fails with more
         #: (measured: a Mul broadcasting 16 by 64): only sam-onnx's own such graphs batch.
@@ -155,9 +159,8 @@ class SamOnnxPredictor:
         # the first time one comes.
         self._decoder_path = decoder
         self._session_config = dataclasses.replace(config, **DECODER_SESSION)
-        self._no_mask = {name: value for name, value in
-                         _mask_prompt(None, self._low_res_size).items()
-                         if name in self.decoder_contract.input_names}
+        self._no_mask = {self.inputs[name]: value for name, value in
+                         _mask_prompt(None, self._low_res_size).items() if name in self.inputs}
         self.decoder: Session = self._decoder_session(self._no_mask)
         self._mask_decoder: Optional[Session] = None
         self.encoder: Optional[Session] = None
@@ -191,8 +194,8 @@ class SamOnnxPredictor:
         """Every encoder output (HQ-SAM's also returns its intermediate embeddings, SAM 2's its
         high-resolution maps), fed to the decoder by name; ``features`` is the image
         embedding, as SamPredictor's."""
-        self.encoded = encoded
-        self.features = encoded[self.family.embedding]
+        self.encoded = self._canonical(encoded)
+        self.features = self.encoded[self.family.embedding]
         self.is_image_set = True
 
     def get_image_embedding(self) -> np.ndarray:
@@ -217,7 +220,7 @@ class SamOnnxPredictor:
                 sizes = {k: tuple(int(v) for v in data[k]) for k in ("original_size",
                                                                      "input_size")}
                 encoded = {k: data[k] for k in data.files if k not in sizes}
-            if self.family.embedding not in encoded:
+            if self.family.embedding not in self._canonical(encoded):
                 raise KeyError(self.family.embedding)
         except (OSError, KeyError, ValueError) as exc:
             raise SamOnnxError(f"cannot read embedding {path} ({exc}); write it with "
@@ -344,6 +347,12 @@ class SamOnnxPredictor:
         rows = np.arange(b) if rows is None else rows
         if self._graph_selects:
             index = np.broadcast_to(np.arange(count), (b, count))
+        elif count == 1:  # exported with one mask (ONNX Runtime's default SAM 2 decoder)
+            if multimask_output:
+                raise SamOnnxError(
+                    f"this {self.decoder_contract.name} decoder returns one mask a prompt; pass "
+                    "multimask_output=False, or export a decoder with the multimask outputs")
+            index = np.zeros((b, 1), np.int64)
         elif count == 3:
             if not multimask_output:
                 raise SamOnnxError(
@@ -418,7 +427,7 @@ class SamOnnxPredictor:
     def _feed(self, coords, labels, mask_input, pred_iou_thresh: float = EVERY_PROMPT,
               multimask_output: bool = True, hq_token_only: bool = False):
         """The decoder's inputs, by its contract, for (B, N, 2) coords in the 1024 frame."""
-        takes = self.decoder_contract.input_names
+        takes = self.inputs
         if mask_input is not None and "mask_input" not in takes:
             raise SamOnnxError(f"this {self.decoder_contract.name} decoder takes no mask_input; "
                                "refine with an official or lowres decoder")
@@ -436,7 +445,14 @@ class SamOnnxPredictor:
             "multimask_output": np.array([float(multimask_output)], np.float32),
             "hq_token_only": np.array([float(hq_token_only)], np.float32),
         }
-        return {name: values[name] for name in takes}
+        return {name: np.asarray(values[canonical],
+                                 self.decoder_contract.input(name).dtype)
+                for canonical, name in takes.items()}
+
+    def _canonical(self, encoded: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+        """Encoder outputs under the family's names (ONNX Runtime's SAM 2 encoder calls the
+        image embedding image_embeddings, sam-onnx's image_embed)."""
+        return {self.family.aliases.get(k, k): v for k, v in encoded.items()}
 
 
 def _require_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto, names) -> None:

@@ -152,8 +152,10 @@ def check(model_type: str, checkpoint: Optional[Path] = None, *, random_weights:
     for name, img in loaded:
         report.rows += _image_rows(onnx_pred, torch_pred, side, name, img, tolerances)
     if automatic and onnx_pred.batched:
-        reference = side.SamAutomaticMaskGenerator(weights.sam, **AMG_SETTINGS)
-        report.rows.append(_automatic_row(onnx_pred, reference, *loaded[0], tolerances[1]))
+        settings = {**AMG_SETTINGS, **({"multimask_output": False} if _one_mask(contract) else {})}
+        reference = side.SamAutomaticMaskGenerator(weights.sam, **settings)
+        report.rows.append(_automatic_row(onnx_pred, reference, *loaded[0], tolerances[1],
+                                          settings))
     return report
 
 
@@ -178,7 +180,9 @@ def _image_rows(onnx_pred, torch_pred, side, name: str, img: np.ndarray,
     rows = [_error_row("encoder", name, "embedding", output, onnx_pred.encoded[output], ref,
                        enc_tol) for output, ref in side.predictor_encoded(torch_pred).items()]
     cases = prompts(*img.shape[:2])
-    if contract.output("iou_predictions").shape[-1] != 3:  # it has a single-mask output
+    if _one_mask(contract):  # exported with one mask: compared with PyTorch's single mask
+        cases = {kind: {**p, "multimask_output": False} for kind, p in cases.items()}
+    elif contract.output("iou_predictions").shape[-1] == 4:  # the single mask too
         cases["points single-mask"] = {**cases["points"], "multimask_output": False}
     if "hq_token_only" in contract.input_names:
         cases.update({f"{kind} hq-only": {**p, "hq_token_only": True}
@@ -187,7 +191,7 @@ def _image_rows(onnx_pred, torch_pred, side, name: str, img: np.ndarray,
         got = onnx_pred.predict(**prompt, return_logits=True)
         want = [np.asarray(a) for a in torch_pred.predict(**prompt, return_logits=True)]
         rows += _decoder_rows(name, kind, got, want, dec_tol)
-        if "mask_input" not in contract.input_names:
+        if "mask_input" not in onnx_pred.inputs:
             rows.append(Row("decoder", name, f"{kind} refined", "low_res_masks", "max |err|",
                             0.0, 0.0, "skip", f"the {contract.name} decoder takes no mask_input"))
             continue
@@ -199,10 +203,18 @@ def _image_rows(onnx_pred, torch_pred, side, name: str, img: np.ndarray,
     return rows
 
 
-def _automatic_row(onnx_pred, reference, name: str, img: np.ndarray, tol: Tolerance) -> Row:
+def _one_mask(contract) -> bool:
+    """A decoder exported to return one mask a prompt, without a switch for more (ONNX
+    Runtime's default SAM 2 decoder)."""
+    return contract.output("iou_predictions").shape[-1] == 1 and \
+        "multimask_output" not in contract.input_names
+
+
+def _automatic_row(onnx_pred, reference, name: str, img: np.ndarray, tol: Tolerance,
+                   settings: dict) -> Row:
     """The family's own automatic mask generator against ours, record by record."""
     want = reference.generate(img)
-    got = SamOnnxAutomaticMaskGenerator(onnx_pred, **AMG_SETTINGS).generate(img)
+    got = SamOnnxAutomaticMaskGenerator(onnx_pred, **settings).generate(img)
     parity = compare_records(want, got)
     passed = parity.passed and parity.min_iou >= tol.min_mask_iou
     return Row("automatic masks", name, "records", "segmentation", "min matched IoU",

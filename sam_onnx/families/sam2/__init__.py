@@ -19,7 +19,7 @@ from typing import Dict, Mapping, Tuple
 
 from ...core.errors import CheckpointError
 from ..base import Family
-from .contracts import CONTRACTS, POSTPROCESS, PREPROCESS
+from .contracts import ALIASES, CONTRACTS, POSTPROCESS, PREPROCESS, RECOGNISED_ONLY
 
 PATCH_EMBED = "image_encoder.trunk.patch_embed.proj.weight"
 _BLOCK = re.compile(r"^image_encoder\.trunk\.blocks\.(\d+)\.")
@@ -73,6 +73,8 @@ SAM2 = Family(
     torch_requires=(("torch", "torch"), ("sam2", "rf-sam-2"), ("hydra", "hydra-core")),
     decoder_forms={"official": "sam2_official", "batched": "sam2_batched"},
     graph_pads=True,
+    aliases=ALIASES,
+    recognised_only=RECOGNISED_ONLY,
     embedding="image_embed",
     generator_defaults={"pred_iou_thresh": 0.8},
 )

@@ -2,8 +2,13 @@
 
 The encoder returns what SAM2ImagePredictor.set_image keeps: the image embedding with the
 no-memory embedding added, and the two high-resolution maps already projected by the mask
-decoder's conv_s0 / conv_s1. The decoders take samexporter's seven inputs (the form
-X-AnyLabeling and AnyLabeling load), prompts batched along the first axis.
+decoder's conv_s0 / conv_s1. The decoders sam-onnx exports take samexporter's seven inputs (the
+form X-AnyLabeling and AnyLabeling load), prompts batched along the first axis.
+
+ONNX Runtime's own SAM 2 export (onnxruntime/transformers/models/sam2) names the same tensors
+differently, takes int32 labels and the image size, and returns full-size masks; its graphs
+are declared too (``sam2_ort*``), so that validate recognises them and the predictor runs them
+(``ALIASES`` maps its names onto these), but sam-onnx does not write them.
 """
 from __future__ import annotations
 
@@ -95,6 +100,59 @@ SAM2_BATCHED = GraphContract(
     tolerances=_TOLERANCES,
 )
 
-#: By name; the encoder first, then the decoders.
+_ORT_FEATURES = tuple(TensorSpec(name, t.dtype, t.shape, t.doc) for name, t in zip(
+    ("image_features_0", "image_features_1", "image_embeddings"), _FEATURES))
+
+SAM2_ORT_ENCODER = GraphContract(
+    name="sam2_ort_encoder",
+    role="encoder",
+    doc="ONNX Runtime's SAM 2 image encoder (convert_to_onnx.py): sam2_encoder's outputs under "
+    "ONNX Runtime's names.",
+    inputs=SAM2_ENCODER.inputs,
+    outputs=_ORT_FEATURES,
+    tolerances=SAM2_ENCODER.tolerances,
+)
+
+
+def _ort_decoder(name: str, masks: int, doc: str) -> GraphContract:
+    return GraphContract(
+        name=name,
+        role="decoder",
+        doc=doc,
+        inputs=(*_ORT_FEATURES, _INPUTS[3],
+                TensorSpec("point_labels", "int32", (_N, "num_points"), _INPUTS[4].doc),
+                TensorSpec("input_masks", _FP32, (_N, 1, _M, _M), _INPUTS[5].doc),
+                TensorSpec("has_input_masks", _FP32, (_N,), _INPUTS[6].doc),
+                TensorSpec("original_image_size", "int32", (2,),
+                           "(height, width) of the original image")),
+        outputs=(
+            TensorSpec("masks", "bool", (_N, masks, "original_image_height",
+                                         "original_image_width"),
+                       "masks at the original image size"),
+            TensorSpec("iou_predictions", _FP32, (_N, masks), "predicted IoU per mask"),
+            TensorSpec("low_res_masks", _FP32, (_N, masks, _M, _M),
+                       "low-res logits, clipped to +-32"),
+        ),
+        tolerances=_TOLERANCES,
+    )
+
+
+SAM2_ORT = _ort_decoder(
+    "sam2_ort", 1, "ONNX Runtime's SAM 2 image decoder as convert_to_onnx.py writes it by "
+    "default: one mask per prompt, chosen by stability (SAM2ImagePredictor's "
+    "multimask_output=False), full-size masks thresholded in the graph.")
+SAM2_ORT_MULTIMASK = _ort_decoder(
+    "sam2_ort_multimask", 3, "The same, written with --multimask_output: the three "
+    "multimask outputs.")
+
+#: ONNX Runtime's names -> the names of the contracts sam-onnx exports, for feeding either.
+ALIASES = {"image_features_0": "high_res_feats_0", "image_features_1": "high_res_feats_1",
+           "image_embeddings": "image_embed", "input_masks": "mask_input",
+           "has_input_masks": "has_mask_input", "original_image_size": "orig_im_size"}
+
+#: By name; the encoders first, then the decoders.
 CONTRACTS: Dict[str, GraphContract] = {
-    c.name: c for c in (SAM2_ENCODER, SAM2_OFFICIAL, SAM2_BATCHED)}
+    c.name: c for c in (SAM2_ENCODER, SAM2_ORT_ENCODER, SAM2_OFFICIAL, SAM2_BATCHED, SAM2_ORT,
+                        SAM2_ORT_MULTIMASK)}
+#: Declared to recognise and run other tools' graphs; sam-onnx does not export them.
+RECOGNISED_ONLY = (SAM2_ORT_ENCODER.name, SAM2_ORT.name, SAM2_ORT_MULTIMASK.name)
