@@ -4,10 +4,12 @@ random weights saved from sam2's build_sam2 in Meta's checkpoint layout, exporte
 too: use_m2m, multimask_output), validated, repaired, segmented; and the graphs samexporter's
 own export code makes (the form X-AnyLabeling loads) recognised and run."""
 import json
+import os
 import subprocess
 import sys
 import warnings
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -86,9 +88,33 @@ def samexporter(checkpoint, tmp_path_factory):
     return enc, dec
 
 
-def run_cli_module(module, *args, pythonpath):
-    import os
+@pytest.fixture(scope="module")
+def onnxruntime_graphs(checkpoint, tmp_path_factory):
+    """The encoder and both decoders ONNX Runtime's own SAM 2 export code writes
+    (onnxruntime/transformers/models/sam2, shipped in its wheel). Its calls predate
+    torch.onnx.export's dynamo default, so they run with dynamo=False, as they were written."""
+    import onnxruntime
 
+    code = Path(onnxruntime.__file__).parent / "transformers" / "models" / "sam2"
+    out = tmp_path_factory.mktemp("ort_sam2")
+    script = (
+        "import functools, sys, torch\n"
+        "torch.onnx.export = functools.partial(torch.onnx.export, dynamo=False)\n"
+        "from sam_onnx.exporter.checkpoints import build, load_state_dict\n"
+        "from image_decoder import export_decoder_onnx\n"
+        "from image_encoder import export_image_encoder_onnx\n"
+        f"model = build({MODEL!r}, load_state_dict(sys.argv[1]))\n"
+        "export_image_encoder_onnx(model, sys.argv[2] + '/encoder.onnx')\n"
+        "export_decoder_onnx(model, sys.argv[2] + '/decoder.onnx', multimask_output=False)\n"
+        "export_decoder_onnx(model, sys.argv[2] + '/multimask.onnx', multimask_output=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(checkpoint), str(out)],
+                          capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "PYTHONPATH": str(code)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return {name: out / f"{name}.onnx" for name in ("encoder", "decoder", "multimask")}
+
+
+def run_cli_module(module, *args, pythonpath):
     env = {**os.environ, "PYTHONPATH": str(pythonpath)}
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
                           text=True, env=env, timeout=900)
@@ -208,6 +234,41 @@ def test_samexporters_own_graphs_are_recognised_and_match_sam2(samexporter, sam2
         warnings.simplefilter("ignore")  # providers falling back to the CPU
         predictor = sam_onnx.SamOnnxPredictor(enc, dec)
     assert not predictor.batched  # traced with one prompt, it fails with more
+
+
+@pytest.mark.parametrize("decoder, contract", [("decoder", "sam2_ort"),
+                                               ("multimask", "sam2_ort_multimask")])
+def test_onnxruntimes_own_graphs_are_recognised_and_match_sam2(onnxruntime_graphs, sam2,
+                                                               decoder, contract):
+    graphs = onnxruntime_graphs
+    proc = run_cli("validate", graphs["encoder"], graphs[decoder], "--format", "json")
+    assert proc.returncode == 0, proc.stdout
+    messages = [f["message"] for f in json.loads(proc.stdout)["findings"]]
+    assert "matches the sam2_ort_encoder contract" in messages
+    assert f"matches the {contract} contract" in messages
+    proc = run_cli("check", "--model", MODEL, "--checkpoint", sam2["checkpoint"], "--encoder",
+                   graphs["encoder"], "--decoder", graphs[decoder], "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    cases = {r["case"] for r in json.loads(proc.stdout)["rows"] if r["status"] == "pass"}
+    assert {"points", "box refined"} <= cases  # its input_masks fed as mask_input
+    # sam-onnx's own encoder feeds ONNX Runtime's decoder: the names are aliases
+    predictor = sam_onnx.SamOnnxPredictor(sam2["encoder"], graphs[decoder])
+    predictor.set_image(synthetic(120, 200))
+    point, label = np.array([[100, 60]]), np.array([1])
+    if contract == "sam2_ort":
+        with pytest.raises(sam_onnx.SamOnnxError, match="returns one mask a prompt; pass "
+                                                        "multimask_output=False"):
+            predictor.predict(point, label)
+    masks, _, _ = predictor.predict(point, label, multimask_output=contract != "sam2_ort")
+    assert masks.shape[1:] == (120, 200)
+
+
+def test_export_refuses_the_forms_it_only_recognises(tmp_path):
+    with pytest.raises(sam_onnx.SamOnnxError, match="sam2_ort is another tool's form, which "
+                                                    "sam-onnx recognises and runs but does not "
+                                                    "export; export one of: sam2_official"):
+        sam_onnx.export(MODEL, random_weights=True, out_dir=tmp_path, decoder_contract="sam2_ort")
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_sam2_decoder_fed_sams_feed_names_what_is_missing(sam2, tiny_export):
