@@ -18,18 +18,36 @@ def family_section(family, earlier) -> None:
     print(f"## Family `{family.name}`\n\n{family.doc}\n")
     print("Models: " + ", ".join(f"`{m}`" + (f" ({c})" if c else " (no published weights)")
                                  for m, c in family.checkpoints.items()) + ".\n")
-    print(f"Pre-processing: resize the longest side to {pre.image_size} ({pre.resize}), "
-          f"normalize with pixel mean {list(pre.pixel_mean)} and std {list(pre.pixel_std)} "
-          f"(RGB, 0-255), pad {pre.pad.replace('_', '-')} with zeros to a square. "
-          f"Post-processing: {post.low_res_size}x{post.low_res_size} logits upscaled, cropped "
-          f"and resized to the image, masks where logits > {post.mask_threshold:g}.\n")
+    resize = (f"resize the longest side to {pre.image_size}, keeping the aspect ratio, and pad "
+              f"{pre.pad.replace('_', '-')} with zeros to a square"
+              if pre.resize == "longest_side" else
+              f"resize to {pre.image_size}x{pre.image_size} (aspect ratio not kept)")
+    upscale = ("upscaled to the padded input, cropped and resized to the image"
+               if post.upscale == "padded_input" else "resized straight to the image")
+    single = ("the first (single-mask) token" if post.single_mask == "first_token" else
+              f"the single-mask token when its stability at +-{post.stability_delta:g} is at "
+              f"least {post.stability_thresh:g}, else the best-scored multimask output")
+    clamp = "" if post.low_res_clamp is None else \
+        f" Low-res logits are returned clipped to +-{post.low_res_clamp:g}."
+    print(f"Pre-processing: {resize}; normalize with pixel mean {list(pre.pixel_mean)} and std "
+          f"{list(pre.pixel_std)} (RGB, 0-255). Post-processing: "
+          f"{post.low_res_size}x{post.low_res_size} logits {upscale}, masks where logits > "
+          f"{post.mask_threshold:g}; multimask_output=False returns {single}.{clamp}\n")
+    if family.graph_pads:
+        print("The decoder graphs append the padding point (label -1) themselves; callers "
+              "add none.\n")
+    if family.aliases:
+        print("Other tools' names for the same tensors, fed as these: " + ", ".join(
+            f"`{theirs}` = `{ours}`" for theirs, ours in family.aliases.items()) + ".\n")
     same = next((f for f in earlier if f.contracts == family.contracts), None)
     if same is not None:
         print(f"Contracts: the same as family `{same.name}`'s: "
               + ", ".join(f"`{n}`" for n in family.contracts) + ".\n")
         return
     for c in family.contracts.values():
-        print(f"### `{c.name}` ({c.role})\n\n{c.doc}\n")
+        other = " Recognised and run; sam-onnx does not export it." \
+            if c.name in family.recognised_only else ""
+        print(f"### `{c.name}` ({c.role})\n\n{c.doc}{other}\n")
         print(f"Inputs:\n\n{table(c.inputs)}\n\nOutputs:\n\n{table(c.outputs)}\n")
         tol = "; ".join(f"{p}: atol {t.atol:g} + rtol {t.rtol:g} x max|torch|"
                         + (f", masks IoU >= {t.min_mask_iou:g}" if c.role == "decoder" else "")

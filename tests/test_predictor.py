@@ -130,7 +130,8 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
         low, scores = whole.run(["low_res_masks", "iou_predictions"], {
             "image_embeddings": pred.features,
             "point_coords": transforms.apply_coords(box.reshape(1, 2, 2).astype(float),
-                                                    pred.original_size, 1024).astype(np.float32),
+                                                    pred.original_size,
+                                                    pred.family.preprocess).astype(np.float32),
             "point_labels": np.array([[2, 3]], np.float32),
             "mask_input": np.zeros((1, 1, 256, 256), np.float32) if mask is None else mask[None],
             "has_mask_input": np.array([mask is not None], np.float32),

@@ -167,7 +167,10 @@ def two_way_transformer(mask_decoder, image: torch.Tensor, image_pe: torch.Tenso
     dec = mask_decoder
     transformer = dec.transformer
     b = sparse.shape[0]
-    output_tokens = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+    # SAM 2's decoder puts an object-score token first; the image predictor never reads it
+    first = int(getattr(dec, "pred_obj_scores", False))
+    output_tokens = torch.cat(([dec.obj_score_token.weight] if first else []) +
+                              [dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
     image = image.flatten(2).transpose(1, 2)  # (1, N, C)
     pe = image_pe
@@ -188,8 +191,8 @@ def two_way_transformer(mask_decoder, image: torch.Tensor, image_pe: torch.Tenso
         keys = layer.norm4(keys + _image_to_token(
             layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, shared))
     # the last attention only for the tokens read after it (each attends on its own)
-    outputs = 1 + dec.num_mask_tokens
-    queries, tokens = queries[:, :outputs], tokens[:, :outputs]
+    outputs = slice(first, first + 1 + dec.num_mask_tokens)
+    queries, tokens = queries[:, outputs], tokens[:, outputs]
     queries = transformer.norm_final_attn(queries + _token_to_image(
         transformer.final_attn_token_to_image, queries + tokens, keys, keys + pe,
         shared=shared_first and len(transformer.layers) == 0))
