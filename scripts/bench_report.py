@@ -22,7 +22,7 @@ from pathlib import Path
 from sam_onnx.families import family_of
 from sam_onnx.tools.bench import BenchConfig, bench
 
-MODELS = ("vit_b", "vit_l", "vit_h", "vit_t", "hq_vit_b")
+MODELS = ("vit_b", "vit_l", "vit_h", "vit_t", "hq_vit_b", "sam2.1_hiera_tiny")
 SIZES = ((512, 512), (1024, 1024), (1200, 1800))
 START, END = "<!-- bench_report:start -->", "<!-- bench_report:end -->"
 

@@ -8,6 +8,7 @@ from typing import Dict
 
 import numpy as np
 import torch
+from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from ...core.contracts import GraphContract
 from ..sam.reference import PROMPTS, Prompt
@@ -94,9 +95,7 @@ def decoder_reference(model, contract: GraphContract, encoded: Arrays, prompt: P
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, repeat_image=True,
             high_res_features=high_res)
         return {"low_res_masks": masks.numpy(), "iou_predictions": scores.numpy()}
-    from .modeling import SamPredictor
-
-    predictor = SamPredictor(model)
+    predictor = SAM2ImagePredictor(model, disable_torch_jit=True)  # its transforms unused
     predictor._features = {"image_embed": embed, "high_res_feats": high_res}
     predictor._orig_hw, predictor._is_image_set = [prompt.image_size], True
     box = None if prompt.box is None else torch.from_numpy(
