@@ -138,7 +138,6 @@ class SamOnnxPredictor:
         self.family = graph_family(self._decoder_graph, self.decoder_contract)
         self._low_res_size = self.family.postprocess.low_res_size
         self._outputs = read_outputs(self.decoder_contract, self._low_res_size)
-        self._num_masks = int(self.decoder_contract.output("iou_predictions").shape[-1])
         #: The graph picks the masks itself (HQ-SAM's decoders take multimask_output).
         self._graph_selects = "multimask_output" in self.decoder_contract.input_names
         #: The decoder's inputs by the names the predictor builds them under (another tool's
