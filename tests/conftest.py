@@ -9,11 +9,27 @@ import torch
 from sam_onnx.exporter.checkpoints import build
 
 
-def run_cli(*args, env=None, timeout=900):
-    """Run the real `sam-onnx` entry point in a fresh process (exit codes, stderr, tracebacks)."""
+def run_cli(*args, env=None, timeout=900, module="sam_onnx.cli"):
+    """Run the real `sam-onnx` entry point (or another tool's ``module``) in a fresh process
+    (exit codes, stderr, tracebacks)."""
     full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "sam_onnx.cli", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", module, *map(str, args)],
                           capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def rename_input(src: Path, old: str, new: str, dst: Path) -> Path:
+    """A copy of the graph at ``src`` whose input ``old`` is called ``new`` (another
+    exporter's name for it), saved at ``dst``."""
+    import onnx
+
+    model = onnx.load(str(src))
+    for value in model.graph.input:
+        if value.name == old:
+            value.name = new
+    for node in model.graph.node:
+        node.input[:] = [new if i == old else i for i in node.input]
+    onnx.save(model, str(dst))
+    return dst
 
 
 def save_random_weights(registry, name: str, path: Path, seed: int) -> Path:

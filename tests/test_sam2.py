@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import run_cli
+from conftest import rename_input, run_cli
 from PIL import Image
 
 import sam_onnx
@@ -81,9 +81,9 @@ def samexporter(checkpoint, tmp_path_factory):
     (wheel,) = tmp.glob("*.whl")
     zipfile.ZipFile(wheel).extractall(tmp / "code")
     enc, dec = tmp / "encoder.onnx", tmp / "decoder.onnx"
-    proc = run_cli_module("samexporter.export_sam2", "--checkpoint", checkpoint,
-                          "--output_encoder", enc, "--output_decoder", dec, "--model_type",
-                          MODEL, pythonpath=tmp / "code")
+    proc = run_cli("--checkpoint", checkpoint, "--output_encoder", enc, "--output_decoder", dec,
+                   "--model_type", MODEL, module="samexporter.export_sam2",
+                   env={"PYTHONPATH": str(tmp / "code")})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return enc, dec
 
@@ -112,12 +112,6 @@ def onnxruntime_graphs(checkpoint, tmp_path_factory):
                           env={**os.environ, "PYTHONPATH": str(code)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return {name: out / f"{name}.onnx" for name in ("encoder", "decoder", "multimask")}
-
-
-def run_cli_module(module, *args, pythonpath):
-    env = {**os.environ, "PYTHONPATH": str(pythonpath)}
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True,
-                          text=True, env=env, timeout=900)
 
 
 def test_a_sam2_checkpoint_is_told_by_its_hiera_and_version(checkpoint, tmp_path,
@@ -284,13 +278,8 @@ def test_a_sam2_decoder_fed_sams_feed_names_what_is_missing(sam2, tiny_export):
 
 
 def test_repair_renames_a_sam2_decoders_inputs_back(sam2, tmp_path):
-    model = onnx.load(str(sam2["official"]))
-    for value in model.graph.input:
-        if value.name == "high_res_feats_0":
-            value.name = "high_res_feat_0"
-    for node in model.graph.node:
-        node.input[:] = ["high_res_feat_0" if i == "high_res_feats_0" else i for i in node.input]
-    onnx.save(model, str(tmp_path / "renamed.onnx"))
+    rename_input(sam2["official"], "high_res_feats_0", "high_res_feat_0",
+                 tmp_path / "renamed.onnx")
     assert not sam_onnx.validate(tmp_path / "renamed.onnx", feed="sam2_official").ok
     result = sam_onnx.repair(tmp_path / "renamed.onnx", tmp_path / "fixed.onnx",
                              auto_feed="sam2_official")

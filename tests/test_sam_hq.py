@@ -8,7 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from conftest import run_cli, save_random_weights
+from conftest import rename_input, run_cli, save_random_weights
 from PIL import Image
 
 import sam_onnx
@@ -135,14 +135,8 @@ def test_hq_pairs_fit_and_an_hq_decoder_needs_hqs_encoder(hq, tiny_export):
 
 
 def test_repair_renames_an_hq_decoders_inputs_back(hq, tmp_path):
-    model = onnx.load(str(hq["official"]))
-    for value in model.graph.input:
-        if value.name == "interm_embeddings":
-            value.name = "interm_embedding"
-    for node in model.graph.node:
-        node.input[:] = ["interm_embedding" if i == "interm_embeddings" else i
-                         for i in node.input]
-    onnx.save(model, str(tmp_path / "renamed.onnx"))
+    rename_input(hq["official"], "interm_embeddings", "interm_embedding",
+                 tmp_path / "renamed.onnx")
     assert not sam_onnx.validate(tmp_path / "renamed.onnx", feed="hq_official").ok
     result = sam_onnx.repair(tmp_path / "renamed.onnx", tmp_path / "fixed.onnx",
                              auto_feed="hq_official")

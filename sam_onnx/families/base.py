@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 from ..core.contracts import GraphContract, Postprocess, Preprocess
-from ..core.errors import SamOnnxError
+from ..core.errors import CheckpointError, SamOnnxError
 
 #: The extra that installs every family's PyTorch side.
 EXPORT_EXTRA = "sam-onnx[export]"
@@ -113,6 +113,17 @@ class Family:
         """The PyTorch side, or a one-line error naming the extra to install."""
         self.require_torch()
         return importlib.import_module(self.torch_side)
+
+
+def load_strict(model, state: Mapping, model_type: str, assign: bool = False):
+    """``model.load_state_dict(state, strict=True)`` for a family's builder, a checkpoint that
+    does not fit refused in one line naming its first difference; the model, for eval."""
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CheckpointError(f"the checkpoint does not fit {model_type}: {first}") from None
+    return model.eval()
 
 
 def by_name(items: Dict[str, object], name: str, what: str):

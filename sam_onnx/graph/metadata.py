@@ -15,7 +15,7 @@ import onnx
 from ..backend import installed_packages
 from ..backend import onnxruntime as ort
 from ..core.contracts import GraphContract
-from ..families import family_of
+from ..families import FAMILIES, family_of
 
 PREFIX = "sam_onnx."
 _JSON_KEYS = {"contract_spec", "preprocess", "postprocess", "versions", "repairs", "model_dims"}
@@ -46,12 +46,13 @@ def provenance(contract: GraphContract, *, model_type: str, weights_source: str,
 
 
 def library_versions() -> Dict[str, str]:
-    """Installed versions; for ONNX Runtime, only the build that ``import onnxruntime`` loads
-    (the others are shadowed and never run)."""
+    """Installed versions (each family's model code among them); for ONNX Runtime, only the
+    build that ``import onnxruntime`` loads (the others are shadowed and never run)."""
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for dist in ("sam-onnx", "torch", "onnx", "onnxscript", "segment-anything"):
+    codes = dict.fromkeys(f.torch_requires[1][1] for f in FAMILIES.values())  # model code
+    for dist in ("sam-onnx", "torch", "onnx", "onnxscript", *codes):
         try:
             out[dist] = version(dist)
         except PackageNotFoundError:

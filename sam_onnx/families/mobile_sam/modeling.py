@@ -14,7 +14,7 @@ with warnings.catch_warnings():  # timm's deprecation and registry chatter on im
     warnings.simplefilter("ignore")
     from mobile_sam import SamAutomaticMaskGenerator, SamPredictor, sam_model_registry
 
-from ...core.errors import CheckpointError
+from ..base import load_strict
 from ..sam import reference
 from ..sam.modeling import decoder_module, predictor_encoded
 
@@ -29,13 +29,7 @@ def build(model_type: str, state: Optional[Mapping] = None, seed: int = 0):
     state_dict (attention bias indices) that must be real; the model is ~10 M parameters."""
     torch.manual_seed(seed)
     sam = sam_model_registry[model_type](checkpoint=None)
-    if state is not None:
-        try:
-            sam.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"the checkpoint does not fit {model_type}: {first}") from None
-    return sam.eval()
+    return sam.eval() if state is None else load_strict(sam, state, model_type)
 
 
 def encoder_module(sam) -> torch.nn.Module:

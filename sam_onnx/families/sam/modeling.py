@@ -19,7 +19,7 @@ from segment_anything.build_sam import _build_sam
 from segment_anything.modeling import image_encoder
 from segment_anything.utils.onnx import SamOnnxModel
 
-from ...core.errors import CheckpointError
+from ..base import load_strict
 from . import MODEL_SPECS, reference
 from .contracts import IMAGE_SIZE
 from .fast_decoder import BatchedDecoder, image_pe, predict_masks
@@ -44,11 +44,7 @@ def build(model_type: str, state: Optional[Mapping] = None, seed: int = 0):
     else:
         with torch.device("meta"):  # no random init: the checkpoint's tensors are assigned
             sam = _build(model_type)
-        try:
-            sam.load_state_dict(state, strict=True, assign=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"the checkpoint does not fit {model_type}: {first}") from None
+        load_strict(sam, state, model_type, assign=True)
     return sam.eval()
 
 

@@ -61,14 +61,20 @@ def random_encoder_outputs(sam, seed: int = 0) -> Arrays:
     return {"image_embeddings": random_embeddings(seed)}
 
 
-def grid_prompts(prompt: Prompt, per_side: int = 3) -> Tuple[np.ndarray, np.ndarray]:
-    """A batched decoder's check: each of the prompt's points and a grid over its image, one
-    point per prompt as the automatic mask generator sends them: (B, 1, 2) and (B, 1)."""
+def grid_points(prompt: Prompt, per_side: int = 3) -> Tuple[np.ndarray, np.ndarray]:
+    """A batched decoder's check: each of the prompt's points and a grid over its image, in
+    its pixels: (B, 2) points and (B,) labels, one prompt each."""
     h, w = prompt.image_size
     offsets = (np.arange(per_side) + 0.5) / per_side
     grid = np.stack(np.meshgrid(offsets * w, offsets * h), -1).reshape(-1, 2)
-    points = np.concatenate([prompt.points, grid])
-    labels = np.concatenate([prompt.labels, np.ones(len(grid))])
+    return (np.concatenate([prompt.points, grid]),
+            np.concatenate([prompt.labels, np.ones(len(grid))]))
+
+
+def grid_prompts(prompt: Prompt, per_side: int = 3) -> Tuple[np.ndarray, np.ndarray]:
+    """``grid_points`` in SAM's 1024 frame, as the automatic mask generator sends them:
+    (B, 1, 2) and (B, 1)."""
+    points, labels = grid_points(prompt, per_side)
     coords = ResizeLongestSide(IMAGE_SIZE).apply_coords(points, prompt.image_size)
     return coords[:, None, :], labels[:, None]
 

@@ -12,16 +12,18 @@ are declared too (``sam2_ort*``), so that validate recognises them and the predi
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict
 
-from ...core.contracts import GraphContract, Postprocess, Preprocess, TensorSpec, Tolerance
+from ...core.contracts import GraphContract, Postprocess, TensorSpec
+from ..sam.contracts import DECODER_OFFICIAL, ENCODER
+from ..sam.contracts import PREPROCESS as SAM_PREPROCESS
 
 IMAGE_SIZE = 1024
 MASK_INPUT_SIZE = 256
 NUM_MASK_TOKENS = 4
-#: SAM2Transforms: resize to 1024x1024 (aspect ratio not kept), ImageNet mean/std.
-PREPROCESS = Preprocess(image_size=IMAGE_SIZE, pixel_mean=(123.675, 116.28, 103.53),
-                        pixel_std=(58.395, 57.12, 57.375), resize="square", pad="none")
+#: SAM2Transforms: resize to 1024x1024 (aspect ratio not kept); ImageNet's mean/std, as SAM's.
+PREPROCESS = dataclasses.replace(SAM_PREPROCESS, resize="square", pad="none")
 #: SAM2ImagePredictor: logits resized straight to the image, a single mask chosen by
 #: stability (build_sam2's apply_postprocessing), low-res logits returned clipped to +-32.
 POSTPROCESS = Postprocess(low_res_size=MASK_INPUT_SIZE, mask_threshold=0.0, upscale="original",
@@ -51,11 +53,8 @@ _INPUTS = (
                "low-res logits of an earlier prediction, to refine"),
     TensorSpec("has_mask_input", _FP32, (_N,), "1 where mask_input holds a mask, else 0"),
 )
-_TOLERANCES = {
-    "fp32": Tolerance(atol=1e-4, rtol=1e-3, min_mask_iou=0.99),
-    "fp16": Tolerance(atol=1e-3, rtol=0.02, min_mask_iou=0.98),
-    "int8": Tolerance(atol=0.0, rtol=0.25, min_mask_iou=0.95),
-}
+#: SAM's limits: the same arithmetic in the same precisions.
+_TOLERANCES = DECODER_OFFICIAL.tolerances
 
 SAM2_ENCODER = GraphContract(
     name="sam2_encoder",
@@ -65,8 +64,7 @@ SAM2_ENCODER = GraphContract(
     inputs=(TensorSpec("image", _FP32, (1, 3, IMAGE_SIZE, IMAGE_SIZE),
                        "RGB resized to 1024x1024, normalized by ImageNet mean/std"),),
     outputs=_FEATURES,
-    tolerances={"fp32": Tolerance(atol=1e-4, rtol=1e-3), "fp16": Tolerance(atol=1e-3, rtol=0.02),
-                "int8": Tolerance(atol=0.0, rtol=0.25)},
+    tolerances=ENCODER.tolerances,
 )
 
 SAM2_OFFICIAL = GraphContract(

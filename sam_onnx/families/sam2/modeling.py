@@ -22,7 +22,7 @@ from sam2.build_sam import build_sam2
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import nn
 
-from ...core.errors import CheckpointError
+from ..base import load_strict
 from ..sam.fast_decoder import two_way_transformer
 from . import config, reference
 from .contracts import POSTPROCESS
@@ -54,13 +54,7 @@ def build(model_type: str, state: Optional[Mapping] = None, seed: int = 0):
     random weights when ``state`` is None, else the state_dict's tensors, every one of them."""
     torch.manual_seed(seed)
     model = build_sam2(config(model_type), None, device="cpu")
-    if state is not None:
-        try:
-            model.load_state_dict(state, strict=True)
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"the checkpoint does not fit {model_type}: {first}") from None
-    return model.eval()
+    return model.eval() if state is None else load_strict(model, state, model_type)
 
 
 class _Encoder(nn.Module):

@@ -11,7 +11,7 @@ import torch
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from ...core.contracts import GraphContract
-from ..sam.reference import PROMPTS, Prompt
+from ..sam.reference import PROMPTS, Prompt, grid_points
 from .contracts import IMAGE_SIZE, MASK_INPUT_SIZE, SAM2_ENCODER
 
 __all__ = ["PROMPTS", "encoder_input", "encoder_reference", "random_encoder_outputs",
@@ -47,15 +47,10 @@ def _frame(points: np.ndarray, image_size) -> np.ndarray:
     return points * np.array([IMAGE_SIZE / w, IMAGE_SIZE / h])
 
 
-def _grid(prompt: Prompt, per_side: int = 3):
-    """Each of the prompt's points and a grid over its image, one point per prompt, as the
-    automatic mask generator sends them: (B, 1, 2), (B, 1)."""
-    h, w = prompt.image_size
-    offsets = (np.arange(per_side) + 0.5) / per_side
-    grid = np.stack(np.meshgrid(offsets * w, offsets * h), -1).reshape(-1, 2)
-    points = _frame(np.concatenate([prompt.points, grid]), prompt.image_size)
-    labels = np.concatenate([prompt.labels, np.ones(len(grid))])
-    return points[:, None], labels[:, None]
+def _grid(prompt: Prompt):
+    """SAM's grid of point prompts (``grid_points``) in SAM 2's frame: (B, 1, 2), (B, 1)."""
+    points, labels = grid_points(prompt)
+    return _frame(points, prompt.image_size)[:, None], labels[:, None]
 
 
 def decoder_feed(contract: GraphContract, encoded: Arrays, prompt: Prompt) -> Arrays:
