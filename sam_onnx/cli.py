@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import signal
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -18,26 +20,56 @@ from .core.errors import SamOnnxError
 from .families import CONTRACTS, EXPORTED_DECODERS, MODEL_NAMES
 
 
-def _expected_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except SamOnnxError as exc:
-            raise click.ClickException(str(exc)) from None
-        except KeyboardInterrupt:
-            click.echo("Error: interrupted; nothing was written under the final names", err=True)
-            sys.exit(130)
-    return wrapper
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the command is, so that it cleans up as on Ctrl-C."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+def _expected_errors(interrupted: str = "no file was left half-written"):
+    """Expected failures as one line and a non-zero exit, without a traceback (``--debug``
+    shows it): SamOnnxError (exit 1), an OSError the system raised (a full disk, a path that
+    cannot be written; exit 1), Ctrl-C (130) and SIGTERM (143), which also say what
+    ``interrupted`` leaves."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except (SamOnnxError, OSError) as exc:
+                if (click.get_current_context().obj or {}).get("debug"):
+                    traceback.print_exc()
+                raise click.ClickException(_one_line(exc)) from None
+            except KeyboardInterrupt as exc:
+                what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+                click.echo(f"Error: {what}; {interrupted}", err=True)
+                sys.exit(143 if isinstance(exc, Terminated) else 130)
+        return wrapper
+    return decorate
+
+
+def _one_line(exc: Exception) -> str:
+    """The message of an expected error; an OSError as "PATH: why; fix"."""
+    if not isinstance(exc, OSError) or isinstance(exc, SamOnnxError):
+        return str(exc)
+    where = f"{exc.filename}: " if exc.filename else ""
+    return (f"{where}{exc.strerror or exc}; check the path, its permissions and the free "
+            "space, or pass another output path")
 
 
 @click.group()
 @click.version_option(package_name="sam-onnx")
 @click.option("-v", "--verbose", is_flag=True, help="Also show the exporters' own messages.")
-def main(verbose: bool) -> None:
+@click.option("--debug", is_flag=True, help="Show the traceback of an expected error too.")
+@click.pass_context
+def main(ctx: click.Context, verbose: bool, debug: bool) -> None:
     """Export Segment Anything to ONNX, validate and repair graphs, run and compare them."""
+    ctx.obj = {"debug": debug}
     logs.setup(logging.DEBUG if verbose else logging.INFO)
     warnings.showwarning = _one_line_warning
+    signal.signal(signal.SIGTERM, _terminate)
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -108,7 +140,7 @@ def _require_graphs(encoder, decoder, export_to) -> None:
               help="Also write int8 dynamically quantized graphs, checked with their tolerance.")
 @click.option("--encoder/--no-encoder", default=True, show_default=True)
 @click.option("--decoder/--no-decoder", default=True, show_default=True)
-@_expected_errors
+@_expected_errors("nothing was written under the final names")
 def export(**options) -> None:
     """Export SAM's encoder and decoder, check them against PyTorch, write a manifest."""
     from .exporter.run import export as run_export
@@ -129,7 +161,7 @@ def export(**options) -> None:
 @click.option("--run", "run_", is_flag=True, help="Also run one inference (loads the weights).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "github"]), default="text",
               show_default=True)
-@_expected_errors
+@_expected_errors("nothing was written")
 def validate(models, feed, run_, fmt) -> None:
     """Say how MODELS and a feed don't fit, before anything runs.
 
@@ -194,7 +226,7 @@ def _pairs(ctx, param, values):
                    "orig_im_size and the upscaling; add pred_iou_thresh to a many-prompt one).")
 @click.option("--auto", "auto", is_flag=True, help="Apply what makes the graph take --feed.")
 @click.option("--feed", help="With --auto: the contract whose feed the graph must take.")
-@_expected_errors
+@_expected_errors("nothing was written; the input is unchanged")
 def repair(model, output, in_place, rename, auto, feed, **fixes) -> None:
     """Rewrite MODEL with named passes, validate and run the result, and compare it with the
     original where the passes keep the function."""
@@ -242,7 +274,7 @@ def _floats(text: str, n: tuple, what: str):
 @click.option("--overlay", type=click.Path(path_type=Path), help="The image with the mask and "
               "prompts drawn on it.")
 @click.option("--json", "as_json", is_flag=True, help="Print scores, areas and boxes as JSON.")
-@_expected_errors
+@_expected_errors()
 def predict(image, encoder, decoder, points, box, out, overlay, as_json, providers) -> None:
     """Segment IMAGE from point and/or box prompts; write the mask and an overlay."""
     import json
@@ -311,7 +343,7 @@ def _bbox(mask) -> list:
               help="Refine every mask once with itself as the mask prompt (SAM 2's option).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Processes sharing the images, each with its share of the CPU threads.")
-@_expected_errors
+@_expected_errors("images finished before it keep their JSON and overlay; none is half-written")
 def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) -> None:
     """Segment everything in each image (files or folders of images): segment_anything's
     automatic mask generator on ONNX Runtime; best with a batched decoder (export
@@ -354,7 +386,7 @@ def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) 
 @click.option("--providers", default="cpu", show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["text", "json", "markdown"]),
               default="text", show_default=True)
-@_expected_errors
+@_expected_errors()
 def check(model_type, checkpoint, random_weights, encoder, decoder, export_to, decoder_contract,
           images, precision, providers, fmt) -> None:
     """Compare ONNX graphs with segment_anything in PyTorch: embeddings, logits, scores and
@@ -390,7 +422,7 @@ def check(model_type, checkpoint, random_weights, encoder, decoder, export_to, d
               help="Write every number and the environment as JSON here.")
 @click.option("--plot", type=click.Path(path_type=Path),
               help="Write a bar chart PNG here (needs matplotlib).")
-@_expected_errors
+@_expected_errors()
 def bench(model_type, checkpoint, random_weights, encoder, decoder, export_to, image, size,
           providers, repeat, automatic, points_per_side, markdown, json_path, plot) -> None:
     """PyTorch and ONNX Runtime side by side: start-up, encoder, one prompt, automatic masks,

@@ -1,4 +1,6 @@
+import hashlib
 import http.server
+import logging
 import threading
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 from sam_onnx.core.errors import CheckpointError
 from sam_onnx.exporter.checkpoints import build, load_state_dict, load_weights, official_checkpoint
 from sam_onnx.families import identify
-from sam_onnx.families.sam import MODEL_SPECS
+from sam_onnx.families.sam import CHECKPOINT_MD5, MODEL_SPECS
 from sam_onnx.families.sam.modeling import _build
 
 
@@ -113,16 +115,86 @@ def cache(tmp_path, monkeypatch):
     return tmp_path / "cache"
 
 
-def test_download_lands_in_the_cache_under_its_official_name(cache, monkeypatch):
-    server = _Server(b"x" * 3000, 3000)
+def _served(body: bytes, monkeypatch) -> "_Server":
+    server = _Server(body, len(body))
     monkeypatch.setenv("SAM_ONNX_CHECKPOINT_URL", server.url)
+    return server
+
+
+def test_download_lands_in_the_cache_under_its_official_name_with_its_checksum(cache,
+                                                                                monkeypatch):
+    body = b"x" * 3000
+    monkeypatch.setitem(CHECKPOINT_MD5, "vit_b", hashlib.md5(body).hexdigest())
+    server = _served(body, monkeypatch)
     try:
         path = official_checkpoint("vit_b", progress=False)
     finally:
         server.close()
     assert path == cache / "sam_vit_b_01ec64.pth"
-    assert path.read_bytes() == b"x" * 3000
-    assert list(cache.iterdir()) == [path]
+    assert path.read_bytes() == body
+    recorded = cache / "sam_vit_b_01ec64.pth.sha256"
+    assert recorded.read_text().strip() == hashlib.sha256(body).hexdigest()
+    assert sorted(cache.iterdir()) == [path, recorded]
+
+
+def test_each_sam_checkpoint_name_begins_its_published_md5():
+    for model_type, md5 in CHECKPOINT_MD5.items():
+        assert MODEL_SPECS[model_type].checkpoint == f"sam_{model_type}_{md5[:6]}.pth"
+
+
+def test_a_download_without_the_published_md5_is_not_kept(cache, monkeypatch):
+    server = _served(b"not the published weights", monkeypatch)
+    try:
+        with pytest.raises(CheckpointError, match=r"has MD5 \w+, not the published "
+                                                  r"01ec64d29a2fca3f0661936605ae66f8; nothing "
+                                                  r"was kept"):
+            official_checkpoint("vit_b", progress=False)
+    finally:
+        server.close()
+    assert list(cache.iterdir()) == []
+
+
+@pytest.mark.parametrize("model_type", ["vit_b", "sam2.1_hiera_tiny"])
+def test_a_damaged_cached_checkpoint_is_replaced(cache, monkeypatch, model_type, caplog):
+    """vit_b: checked against its published MD5; SAM 2.1 (none published): against the
+    sha256 recorded when it was downloaded."""
+    body = b"y" * 5000
+    monkeypatch.setitem(CHECKPOINT_MD5, "vit_b", hashlib.md5(body).hexdigest())
+    server = _served(body, monkeypatch)
+    try:
+        path = official_checkpoint(model_type, progress=False)
+        path.write_bytes(b"y" * 4000 + b"z" * 1000)  # bits flipped in the cache
+        with caplog.at_level(logging.WARNING):
+            again = official_checkpoint(model_type, progress=False)
+    finally:
+        server.close()
+    assert again == path and path.read_bytes() == body
+    assert "is damaged" in caplog.text and "downloading it again" in caplog.text
+
+
+def test_a_cached_checkpoint_that_cannot_be_read_is_removed(cache, monkeypatch):
+    """A damaged file with no checksum to tell (cached before checksums were recorded)."""
+    path = cache / "092824" / "sam2.1_hiera_tiny.pt"
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(CheckpointError, match="the cached copy was removed: run the command "
+                                              "again to download it"):
+        load_weights("sam2.1_hiera_tiny")
+    assert not path.exists()
+
+
+def test_a_part_file_a_killed_download_left_is_removed(cache, monkeypatch):
+    cache.mkdir()
+    left = cache / ".sam_vit_b_01ec64.pth.999999.part"  # its process is gone: nobody locks it
+    left.write_bytes(b"half")
+    body = b"x" * 100
+    monkeypatch.setitem(CHECKPOINT_MD5, "vit_b", hashlib.md5(body).hexdigest())
+    server = _served(body, monkeypatch)
+    try:
+        official_checkpoint("vit_b", progress=False)
+    finally:
+        server.close()
+    assert not left.exists()
 
 
 def test_an_interrupted_download_leaves_no_file(cache, monkeypatch):

@@ -1,36 +1,111 @@
-"""Write outputs atomically: build in a hidden folder beside the final names, then rename.
+"""Write outputs so that nothing is lost: build beside the final names, then rename.
 
-Nothing appears under a final name until every file is complete and checked; a failure
-or an interruption leaves the output folder as it was.
+Nothing appears under a final name until it is complete (a staging folder for a set of
+graphs, a hidden part file for one file); a failure or an interruption leaves the output
+folder as it was. Each staging folder and part file is locked (``flock``) by the process
+writing it, and the lock dies with the process: what a killed run left is found by the next
+run that writes there (nobody holds its lock) and removed, with a log line.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
+import logging
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, List
+from typing import Callable, Iterable, Iterator, List
 
 from .errors import SamOnnxError
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; an abandoned part is then never taken for dead
+    fcntl = None
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".sam-onnx-staging-"
+
+
+def _flock(fd: int, blocking: bool = True) -> bool:
+    """Take an exclusive lock on ``fd``; False when another process holds it (non-blocking)."""
+    if fcntl is None:
+        return blocking
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (a folder or a file) for the block: read-merge-write
+    of a manifest, the choice of a backup's name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        _flock(fd)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _abandoned(path: Path) -> bool:
+    """Whether nobody holds ``path``'s lock: the process that wrote it is gone."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        return fcntl is not None and _flock(fd, blocking=False)
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned(folder: Path, pattern: str) -> List[Path]:
+    """Remove what killed runs left in ``folder`` under ``pattern``; the paths removed."""
+    removed = []
+    for path in sorted(Path(folder).glob(pattern)):
+        if not _abandoned(path):
+            continue
+        size = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) \
+            if path.is_dir() else path.stat().st_size
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+        log.info("removed %s (%.1f MB), left by an earlier run that was killed", path,
+                 size / 2**20)
+        removed.append(path)
+    return removed
+
 
 class Staging:
+    """A hidden folder beside the final names, locked while this process writes it."""
+
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = Path(out_dir)
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix=".sam-onnx-staging-", dir=self.out_dir))
+            remove_abandoned(self.out_dir, STAGING_PREFIX + "*")
+            self.dir = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-",
+                                             dir=self.out_dir))
+            self._lock = os.open(self.dir, os.O_RDONLY)
         except OSError as exc:
             raise SamOnnxError(
                 f"cannot write to output folder {self.out_dir} ({exc.strerror or exc}); "
                 "pass --out with a writable folder"
             ) from None
+        _flock(self._lock)
 
     def __enter__(self) -> "Staging":
         return self
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        os.close(self._lock)
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -45,16 +120,33 @@ class Staging:
             os.replace(src, self.out_dir / name)
 
 
-def atomic_write(path: Path, write: Callable[[Path], None], fix: str) -> None:
-    """``write(tmp)`` to a hidden name beside ``path``, then rename it to ``path``: a reader
-    never sees a half-written file. An OSError becomes "cannot write PATH (why); FIX"."""
+@contextlib.contextmanager
+def part_file(path: Path) -> Iterator[Path]:
+    """A hidden, locked name beside ``path`` to write; renamed to ``path`` when the block ends
+    (after fsync), removed when it fails. Parts of ``path`` that killed runs left go first."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.part")
+    remove_abandoned(path.parent, f".{glob.escape(path.name)}.*.part")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        write(tmp)
-        tmp.replace(path)
-    except OSError as exc:
+        _flock(fd)
+        yield tmp
+        os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[Path], None], fix: str) -> None:
+    """``write(tmp)`` to a part file beside ``path``, then rename it to ``path``: a reader
+    never sees a half-written file. An OSError becomes "cannot write PATH (why); FIX"."""
+    try:
+        with part_file(path) as tmp:
+            write(tmp)
+    except OSError as exc:
         raise SamOnnxError(f"cannot write {path} ({exc.strerror or exc}); {fix}") from None
 
 

@@ -7,11 +7,11 @@ them in glibc's heaps (``MMAP_THRESHOLD``).
 """
 from __future__ import annotations
 
-import concurrent.futures
 import multiprocessing
 import os
 import signal
 import sys
+import traceback
 from typing import Callable
 
 from . import logs
@@ -26,14 +26,44 @@ MMAP_THRESHOLD = 16 * 2**20
 
 def run_fresh(fn: Callable, *args, died: str):
     """``fn(*args)`` in a fresh child process; ``died`` is the one-line error when the child
-    is killed (e.g. by the OOM killer)."""
+    is killed (e.g. by the OOM killer). Whatever stops the wait here (Ctrl-C, SIGTERM, an
+    error) kills the child too: it never outlives the command's clean-up."""
     spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn, initializer=_child_init,
-                                                initargs=(os.getpid(), logs.level())) as pool:
-        try:
-            return pool.submit(fn, *args).result()
-        except concurrent.futures.process.BrokenProcessPool:
-            raise SamOnnxError(died) from None
+    receive, send = spawn.Pipe(duplex=False)
+    child = spawn.Process(target=_child, args=(send, os.getpid(), logs.level(), fn, args))
+    child.start()
+    send.close()
+    try:
+        ok, value, remote_traceback = receive.recv()
+    except EOFError:  # the child died without an answer
+        raise SamOnnxError(died) from None
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receive.close()
+    if ok:
+        return value
+    if isinstance(value, SamOnnxError):
+        raise value
+    raise value from ChildTraceback(remote_traceback)
+
+
+class ChildTraceback(Exception):
+    """Where an unexpected error happened in the child: its traceback, as text."""
+
+
+def _child(send, parent_pid: int, log_level: int, fn: Callable, args: tuple) -> None:
+    _child_init(parent_pid, log_level)
+    try:
+        answer = (True, fn(*args), "")
+    except BaseException as exc:  # handed to the parent, which raises it
+        answer = (False, exc, traceback.format_exc())
+    try:
+        send.send(answer)
+    except Exception as exc:  # an answer that does not pickle
+        send.send((False, RuntimeError(f"{answer[1]!r} (not picklable: {exc})"), answer[2]))
+    send.close()
 
 
 def _child_init(parent_pid: int, log_level: int) -> None:

@@ -13,12 +13,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Dict, Mapping, Optional, Tuple
 
 from ..core.errors import CheckpointError
+from ..core.files import atomic_write, locked, part_file
 from ..families import family_of, identify
 
 log = logging.getLogger(__name__)
+
 
 def cache_dir() -> Path:
     """Where downloaded checkpoints live: ``$SAM_ONNX_CACHE`` or the user cache folder."""
@@ -31,7 +33,12 @@ def cache_dir() -> Path:
 
 
 def official_checkpoint(model_type: str, progress: bool = True) -> Path:
-    """The cached official checkpoint, downloaded first if absent (atomically)."""
+    """The cached official checkpoint, downloaded first if absent or damaged.
+
+    Checked against the published MD5 where there is one, else against the sha256 recorded
+    beside it when it was downloaded (``NAME.sha256``): a damaged cached file is replaced,
+    never reused. One process downloads at a time (the cache folder is locked); another
+    asking for the same file then finds it checked."""
     family = family_of(model_type)
     name = family.checkpoints[model_type]
     if name is None:
@@ -39,12 +46,18 @@ def official_checkpoint(model_type: str, progress: bool = True) -> Path:
             f"{model_type} has no official checkpoint; pass --random-weights or --checkpoint PATH"
         )
     path = cache_dir() / name
-    if path.is_file():
-        return path
+    md5 = family.checkpoint_md5.get(model_type)
     url = os.environ.get("SAM_ONNX_CHECKPOINT_URL", family.checkpoint_url) + name
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _download(url, path, progress)
+        with locked(path.parent):
+            if path.is_file():
+                damage = _damage(path, md5)
+                if damage is None:
+                    return path
+                log.warning("cached %s is damaged (%s); downloading it again", path, damage)
+                _forget(path)
+            _download(url, path, md5, progress)
     except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", None) or exc
         raise CheckpointError(
@@ -54,35 +67,82 @@ def official_checkpoint(model_type: str, progress: bool = True) -> Path:
     return path
 
 
-def _download(url: str, path: Path, progress: bool) -> None:
-    """Stream ``url`` to a temporary name beside ``path``; rename only when complete."""
+def _recorded_sha256(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def _damage(path: Path, md5: Optional[str]) -> Optional[str]:
+    """How a cached checkpoint differs from what was published or downloaded; None if not."""
+    got_md5, got_sha256 = digests(path)
+    if md5 is not None and got_md5 != md5:
+        return f"MD5 {got_md5}, published {md5}"
+    record = _recorded_sha256(path)
+    recorded = record.read_text().strip() if record.is_file() else None
+    if recorded is not None and got_sha256 != recorded:
+        return f"sha256 {got_sha256[:16]}..., {recorded[:16]}... when downloaded"
+    return None
+
+
+def _forget(path: Path) -> None:
+    """Remove a cached checkpoint and its recorded checksum."""
+    path.unlink(missing_ok=True)
+    _recorded_sha256(path).unlink(missing_ok=True)
+
+
+def _download(url: str, path: Path, md5: Optional[str], progress: bool) -> None:
+    """Stream ``url`` to a part file beside ``path``; rename it only when it is complete and
+    has the published MD5, then record its sha256 beside it."""
     from tqdm import tqdm
 
-    tmp = path.with_name(f"{path.name}.part-{os.getpid()}")
     log.info("downloading %s to %s", url, path)
-    try:
+    hashes = hashlib.md5(), hashlib.sha256()
+    with part_file(path) as tmp:
         with urllib.request.urlopen(url, timeout=30) as resp, open(tmp, "wb") as f:
             total = int(resp.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, disable=not progress,
                       desc=path.name) as bar:
                 while chunk := resp.read(1 << 20):
                     f.write(chunk)
+                    for h in hashes:
+                        h.update(chunk)
                     bar.update(len(chunk))
             if total is not None and f.tell() != total:
                 raise OSError(f"download stopped at {f.tell()} of {total} bytes")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        got_md5, got_sha256 = (h.hexdigest() for h in hashes)
+        if md5 is not None and got_md5 != md5:
+            raise CheckpointError(
+                f"the download of {url} has MD5 {got_md5}, not the published {md5}; nothing "
+                "was kept: download again later, or pass --checkpoint PATH")
+    atomic_write(_recorded_sha256(path), lambda tmp: tmp.write_text(got_sha256 + "\n"),
+                 "free space in the checkpoint cache ($SAM_ONNX_CACHE)")
+    _DIGESTS[_stat_key(path)] = (got_md5, got_sha256)
+
+
+#: (path, size, mtime) -> (md5, sha256): a checkpoint is read once for both, however often
+#: it is asked about (checking the cache, then recording the weights' checksum).
+_DIGESTS: Dict[tuple, Tuple[str, str]] = {}
+
+
+def _stat_key(path: Path) -> tuple:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def digests(path: Path) -> Tuple[str, str]:
+    """(MD5, sha256) of a file, in one read."""
+    key = _stat_key(path)
+    if key not in _DIGESTS:
+        hashes = hashlib.md5(), hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 24):
+                for h in hashes:
+                    h.update(chunk)
+        _DIGESTS[key] = tuple(h.hexdigest() for h in hashes)
+    return _DIGESTS[key]
 
 
 def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return digests(path)[1]
 
 
 def load_state_dict(path: Path) -> Mapping:
@@ -172,6 +232,16 @@ def load_weights(model_type: str, checkpoint: Optional[Path] = None, *,
         if checkpoint is not None:
             raise CheckpointError("pass either --checkpoint or --random-weights, not both")
         return Weights(build(model_type), model_type, "random", "random")
-    path = Path(checkpoint) if checkpoint is not None else official_checkpoint(model_type, progress)
-    sam = build(model_type, load_state_dict(path), source=str(path))
+    if checkpoint is not None:
+        path = Path(checkpoint)
+        state = load_state_dict(path)
+    else:
+        path = official_checkpoint(model_type, progress)
+        try:
+            state = load_state_dict(path)
+        except CheckpointError as exc:  # damaged in the cache, with no checksum to tell
+            _forget(path)
+            raise CheckpointError(f"{exc}; the cached copy was removed: run the command "
+                                  "again to download it") from None
+    sam = build(model_type, state, source=str(path))
     return Weights(sam, model_type, str(path), "sha256:" + sha256(path))

@@ -48,6 +48,10 @@ class Family:
     #: SAM's decoder form names (official, batched...) -> this family's contract for that form,
     #: where its contracts have names of their own.
     decoder_forms: Mapping[str, str] = field(default_factory=dict)
+    #: Model name -> its official checkpoint's published MD5, where one is published
+    #: (segment-anything's file names carry its first six hex digits): a download or a
+    #: cached file that differs is refused or replaced.
+    checkpoint_md5: Mapping[str, str] = field(default_factory=dict)
     #: The decoder graphs append the padding point (label -1) themselves, after every prompt,
     #: as SAM 2's prompt encoder and samexporter's graphs do; else the caller adds it to a
     #: prompt without a box (SamPredictor).

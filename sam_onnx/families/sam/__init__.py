@@ -15,6 +15,13 @@ from ...core.errors import CheckpointError
 from ..base import Family
 from .contracts import CONTRACTS, POSTPROCESS, PREPROCESS
 
+#: The MD5 of each official checkpoint, as published with it (and as its file name begins).
+CHECKPOINT_MD5 = {
+    "vit_h": "4b8939a88964f0f4ff5f5b2642c598a6",
+    "vit_l": "0b3195507c641ddb6910d2bb5adee89c",
+    "vit_b": "01ec64d29a2fca3f0661936605ae66f8",
+}
+
 
 @dataclass(frozen=True)
 class ModelSpec:
@@ -59,6 +66,7 @@ SAM = Family(
     doc="Segment Anything (SAM v1): ViT image encoders and SAM's prompt-driven mask decoder.",
     checkpoints={name: spec.checkpoint for name, spec in MODEL_SPECS.items()},
     checkpoint_url="https://dl.fbaipublicfiles.com/segment_anything/",
+    checkpoint_md5=CHECKPOINT_MD5,
     contracts=CONTRACTS,
     preprocess=PREPROCESS,
     postprocess=POSTPROCESS,
