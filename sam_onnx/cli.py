@@ -210,7 +210,8 @@ def _pairs(ctx, param, values):
 @main.command()
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Where to write the result.")
-@click.option("--in-place", is_flag=True, help="Overwrite MODEL (a .bak copy is kept).")
+@click.option("--in-place", is_flag=True,
+              help="Overwrite MODEL, keeping a copy (MODEL.bak, or .bak.N when that exists).")
 @click.option("--rename", multiple=True, callback=_pairs, help="OLD=NEW input/output name.")
 @click.option("--dynamic-points", is_flag=True, help="Make the point axis dynamic (num_points).")
 @click.option("--drop-initializer-inputs", is_flag=True,
@@ -241,6 +242,8 @@ def repair(model, output, in_place, rename, auto, feed, **fixes) -> None:
     if result.parity is not None:
         click.echo(f"parity   {result.parity.summary()}")
     click.echo(result.report.to_text())
+    for backup in result.backups:
+        click.echo(f"backup   {backup}")
     click.echo(f"wrote    {result.output}")
 
 
@@ -281,19 +284,28 @@ def predict(image, encoder, decoder, points, box, out, overlay, as_json, provide
 
     import numpy as np
 
+    from .core.files import check_output
     from .runtime.images import load_image
-    from .runtime.predictor import SamOnnxPredictor
+    from .runtime.predictor import SamOnnxPredictor, check_prompt
     from .runtime.render import save_mask, save_overlay
     from .runtime.sessions import SessionConfig
 
+    # everything that needs no graph is checked before the graphs load and the encoder runs
     if not points and not box:
         raise click.UsageError("give a prompt: --point X,Y[,LABEL] and/or --box X0,Y0,X1,Y1")
     parsed = [_floats(p, (2, 3), "--point") for p in points]
     coords = np.array([p[:2] for p in parsed]) if parsed else None
     labels = np.array([p[2] if len(p) == 3 else 1.0 for p in parsed]) if parsed else None
     box_arr = np.array(_floats(box, (4,), "--box")) if box else None
-    predictor = SamOnnxPredictor(encoder, decoder, SessionConfig(providers=_providers(providers)))
+    check_prompt(coords, labels, box_arr)
+    for option, path in (("--out", out), ("--overlay", overlay)):
+        if path is not None:
+            check_output(path, option, [image, encoder, decoder])
+    if overlay is not None and Path(overlay).resolve() == Path(out).resolve():
+        raise click.UsageError("--out and --overlay name the same file; give each its own")
     rgb = load_image(image)
+    check_prompt(coords, labels, box_arr, rgb.shape[:2])
+    predictor = SamOnnxPredictor(encoder, decoder, SessionConfig(providers=_providers(providers)))
     predictor.set_image(rgb)
     masks, scores, _ = predictor.predict(coords, labels, box_arr,
                                          multimask_output=box_arr is None and len(parsed) == 1)

@@ -34,10 +34,11 @@ def test_cli_export_writes_checked_graphs_and_a_manifest(tiny_export, tiny_check
                                  "tiny_encoder.onnx.data", "tiny_manifest.json"]
     assert not [p for p in out.iterdir() if p.name.startswith(".")], "staging folder left behind"
     manifest = json.loads((out / "tiny_manifest.json").read_text())
-    assert manifest["random_weights"] is False
+    [export] = manifest["exports"]
+    assert export["random_weights"] is False
     assert [g["contract"] for g in manifest["graphs"]] == ["encoder", "official"]
-    assert all(g["parity"]["passed"] for g in manifest["graphs"])
-    assert "export encoder (encoder)" in manifest["timings_s"]
+    assert all(g["parity"]["passed"] and g["export"] == export["id"] for g in manifest["graphs"])
+    assert "export encoder (encoder)" in export["timings_s"]
     assert "parity tiny_encoder.onnx" in proc.stderr and "ok" in proc.stdout
 
 

@@ -151,7 +151,14 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
 
 @pytest.mark.parametrize("prompt, words", [
     (dict(point_coords=np.array([1, 2]), point_labels=np.array([1])), "Nx2"),
-    (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([7])), "-1..3"),
+    (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([7])),
+     r"point label 7 is not a SAM label \(1 foreground, 0 background, 2 a box's top-left "
+     r"corner, 3 a box's bottom-right corner, -1 padding, ignored\)"),
+    (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([-1])), "every point is "
+     r"labelled -1 \(padding, which SAM ignores\)"),
+    (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([2])), "come in pairs"),
+    (dict(point_coords=np.array([[1, 2], [3, 4]]), point_labels=np.array([3, 2])),
+     "come in pairs"),
     (dict(point_coords=np.array([[np.nan, 2]]), point_labels=np.array([1])), "NaN"),
     (dict(point_coords=np.array([[5000, 2]]), point_labels=np.array([1])), "far outside"),
     (dict(point_coords=np.array([[1, 2]])), "go together"),

@@ -140,6 +140,26 @@ def part_file(path: Path) -> Iterator[Path]:
         os.close(fd)
 
 
+def check_output(path: Path, option: str, inputs: Iterable[Path] = ()) -> None:
+    """Refuse, before any work, an output path that would overwrite one of ``inputs`` (an
+    input is never overwritten), is a folder, or lies in a folder that does not exist or
+    cannot be written; ``option`` names it in the message (e.g. "--out")."""
+    path = Path(path)
+    for source in inputs:
+        if path.exists() and Path(source).exists() and os.path.samefile(path, source):
+            raise SamOnnxError(f"{option} {path} is the input {source}; pass another path "
+                               "(an input is never overwritten)")
+    if path.is_dir():
+        raise SamOnnxError(f"{option} {path} is a folder; pass a file path")
+    folder = path.parent
+    if not folder.is_dir():
+        raise SamOnnxError(f"{option} {path}: folder {folder} does not exist; create it or pass "
+                           "another path")
+    if not os.access(folder, os.W_OK):
+        raise SamOnnxError(f"{option} {path}: folder {folder} cannot be written; pass another "
+                           "path")
+
+
 def atomic_write(path: Path, write: Callable[[Path], None], fix: str) -> None:
     """``write(tmp)`` to a part file beside ``path``, then rename it to ``path``: a reader
     never sees a half-written file. An OSError becomes "cannot write PATH (why); FIX"."""

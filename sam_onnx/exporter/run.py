@@ -20,7 +20,7 @@ import onnx
 
 from ..core.contracts import GraphContract
 from ..core.errors import ParityError, SamOnnxError
-from ..core.files import Staging, external_data_files, has_external_data
+from ..core.files import Staging, atomic_write, external_data_files, has_external_data, locked
 from ..core.parity import ParityReport, report
 from ..core.processes import run_fresh
 from ..core.stages import Stages
@@ -97,6 +97,8 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
         raise SamOnnxError(f"unknown quantization {quantize!r}; use one of: "
                            f"{', '.join(QUANTIZATIONS)}")
     family.require_torch()  # or say which extra to install, before any work
+    manifest_path = Path(out_dir) / f"{model_type}_manifest.json"
+    read_manifest(manifest_path)  # one that cannot be updated is refused before any work
     contracts = [family.encoder] * encoder + [get_contract(decoder_contract)] * decoder
     with Staging(out_dir) as staging:
         job = Job(model_type=model_type, checkpoint=checkpoint, random_weights=random_weights,
@@ -107,14 +109,14 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
                                        "ONNX Runtime check")
         record = next(iter(staged.records.values()))
         result = ExportResult(model_type, record["weights"], record["weights_source"],
-                              Path(out_dir), exported,
-                              Path(out_dir) / f"{model_type}_manifest.json",
+                              Path(out_dir), exported, manifest_path,
                               {**staged.timings, **check_timings})
-        manifest = staging.path(result.manifest.name)
-        manifest.write_text(json.dumps(_manifest(result, record), indent=2) + "\n")
-        staging.commit(p.name for p in staging.dir.iterdir())
-    for g in exported:
-        g.path = result.out_dir / g.path.name
+        with locked(result.out_dir):  # another export publishing here waits its turn
+            manifest = read_manifest(manifest_path)
+            staging.commit(p.name for p in staging.dir.iterdir())
+            for g in exported:
+                g.path = result.out_dir / g.path.name
+            _update_manifest(manifest, result, record)
     return result
 
 
@@ -195,18 +197,50 @@ def _check(path: Path, contract: GraphContract, precision: str,
     return ExportedGraph(contract.role, contract, precision, path, parity)
 
 
-def _manifest(result: ExportResult, record: Dict) -> Dict:
-    return {
-        "model_type": result.model_type,
+def read_manifest(path: Path) -> Dict:
+    """A folder's manifest for one model: ``exports`` (each export's provenance and stage
+    timings, by id) and ``graphs`` (each graph file's contract, files and parity, and the id
+    of the export that wrote it); empty when there is none yet. One that is not a manifest is
+    refused, never replaced."""
+    if not path.exists():
+        return {"exports": [], "graphs": []}
+    try:
+        doc = json.loads(path.read_text())
+        if "exports" not in doc:  # written before manifests were merged: one export
+            provenance = {k: v for k, v in doc.items() if k not in ("model_type", "graphs")}
+            doc = {"model_type": doc["model_type"], "exports": [{"id": 1, **provenance}],
+                   "graphs": [{**g, "export": 1} for g in doc["graphs"]]}
+        ids = {e["id"] for e in doc["exports"]}
+        if not all(g["export"] in ids and "path" in g for g in doc["graphs"]):
+            raise ValueError("a graph names no export")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise SamOnnxError(f"{path} is not a sam-onnx manifest ({exc}); move it away, or "
+                           "export to another --out folder (it is never overwritten)") from None
+    return doc
+
+
+def _update_manifest(doc: Dict, result: ExportResult, record: Dict) -> None:
+    """Add this export to the folder's manifest ``doc``: its graphs replace the entries of the
+    same files; the other graphs, and the exports that wrote them, stay."""
+    export_id = max((e["id"] for e in doc["exports"]), default=0) + 1
+    written = {g.path.name for g in result.graphs}
+    graphs = [g for g in doc["graphs"] if g["path"] not in written]
+    graphs += [{**g.to_dict(), "export": export_id} for g in result.graphs]
+    used = {g["export"] for g in graphs}
+    exports = [e for e in doc["exports"] if e["id"] in used] + [{
+        "id": export_id,
         "random_weights": result.random_weights,
         "weights": result.weights,
         "weights_source": result.weights_source,
         "preprocess": record["preprocess"],
         "versions": record["versions"],
         "opset": record["opset"],
-        "graphs": [g.to_dict() for g in result.graphs],
         "timings_s": result.timings,
-    }
+    }]
+    text = json.dumps({"model_type": result.model_type, "exports": exports, "graphs": graphs},
+                      indent=2) + "\n"
+    atomic_write(result.manifest, lambda tmp: tmp.write_text(text),
+                 "free space in the output folder; the graphs are written, the manifest not")
 
 
 @contextlib.contextmanager

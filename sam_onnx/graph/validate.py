@@ -13,6 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import onnx
 
 from ..backend import runtime_limits
+from ..core.errors import SamOnnxError
 from ..families import ALIASES, CONTRACTS, FAMILIES
 from . import feeds as feeds_
 from . import metadata, signature
@@ -102,6 +103,20 @@ def read(path: Path, report: Report) -> Optional[onnx.ModelProto]:
             "model", f"{path} is a damaged ONNX file (names or metadata that are not UTF-8 "
             "text)", "export or download the model again", model=name))
         return None
+    return model
+
+
+def readable(path: Union[str, Path]) -> onnx.ModelProto:
+    """The graph's protobuf, or a SamOnnxError naming, as validate's findings do, why it
+    cannot be loaded (missing, empty, not ONNX, truncated, its external data missing or
+    short) and the fix: what the runtime and repair check before they load a graph."""
+    path, report = Path(path), Report()
+    model = read(path, report)
+    if model is not None:
+        _external_data(path, model, report)
+    if report.errors:
+        first = report.errors[0]
+        raise SamOnnxError(f"{first.message}; {first.fix}")
     return model
 
 

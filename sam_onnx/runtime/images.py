@@ -48,6 +48,9 @@ def _read(path: Path) -> Image.Image:
             pil = ImageOps.exif_transpose(pil)
             pil.load()
             return pil
+    except Image.DecompressionBombError as exc:
+        raise SamOnnxError(f"image {path} is too large to read safely ({exc}); downscale it, "
+                           "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (OSError, ValueError) as exc:
         raise SamOnnxError(f"cannot read image {path}: {exc}") from None
 

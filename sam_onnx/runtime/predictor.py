@@ -21,7 +21,7 @@ from ..families.sam.contracts import DECODER_BATCHED, DECODER_LOWRES
 from ..graph import metadata, signature
 from ..graph import passes as repair_passes
 from ..graph.feeds import from_arrays
-from ..graph.validate import check_feed, validate_pair
+from ..graph.validate import check_feed, readable, validate_pair
 from . import transforms
 from .images import ImageLike, load_image
 from .sessions import Session, SessionConfig, create
@@ -50,8 +50,9 @@ def graph_family(model: onnx.ModelProto, contract: GraphContract) -> Family:
 
 
 def _read_graph(path: PathLike) -> onnx.ModelProto:
-    """The graph's protobuf only: its inputs are all the predictor checks against."""
-    return onnx.load(str(path), load_external_data=False)
+    """The graph's protobuf only (its inputs are all the predictor checks against), or the
+    one-line reason it cannot be loaded, as validate gives it."""
+    return readable(path)
 
 
 #: What the predictor takes from any decoder (the lowres contract's outputs, and the batched
@@ -121,6 +122,69 @@ def stability(logits: np.ndarray, delta: float) -> np.ndarray:
 DECODER_SESSION = dict(memory_pattern=False, disabled_optimizers=("BiasGeluFusion",))
 
 
+#: What each point label means to SAM's prompt encoder (SAM 2's too).
+POINT_LABELS = {1: "foreground", 0: "background", 2: "a box's top-left corner",
+                3: "a box's bottom-right corner", -1: "padding, ignored"}
+
+
+def check_labels(labels: np.ndarray) -> None:
+    """Refuse point labels SAM's prompt encoder would misread, with what each label means:
+    a value that is none of them; only padding; box corners (2, 3) that do not pair up."""
+    values = np.unique(labels)
+    unknown = [v for v in values.tolist() if v not in POINT_LABELS]
+    if unknown:
+        meanings = ", ".join(f"{k} {v}" for k, v in POINT_LABELS.items())
+        raise SamOnnxError(f"point label {unknown[0]:g} is not a SAM label ({meanings}); "
+                           "label points 1 or 0, and give a box as a box")
+    if labels.size and (labels == -1).all():
+        raise SamOnnxError("every point is labelled -1 (padding, which SAM ignores): label a "
+                           "point 1 (foreground) or 0 (background), or give a box")
+    corners = labels[(labels == 2) | (labels == 3)]
+    if len(corners) % 2 or (corners[0::2] != 2).any() or (corners[1::2] != 3).any():
+        raise SamOnnxError("labels 2 and 3 mark a box's top-left and bottom-right corners and "
+                           f"come in pairs (2 then 3); got {corners.astype(int).tolist()}: "
+                           "give the box as a box (box=, --box) instead")
+
+
+def check_prompt(point_coords=None, point_labels=None, box=None,
+                 image_size: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """A prompt as SamPredictor.predict takes it -> (coords Nx2, labels N) in the image's
+    pixels, the points then the box's corners (labels 2, 3); or a SamOnnxError naming what
+    is wrong. It needs no graph, so a command checks its prompt before the encoder's seconds
+    (with ``image_size``, (h, w), also that the points lie near the image)."""
+    parts, labels = [], []
+    if (point_coords is None) != (point_labels is None):
+        raise SamOnnxError("point_coords and point_labels go together: pass both or neither")
+    if point_coords is not None:
+        coords = np.asarray(point_coords, dtype=np.float64)
+        lab = np.asarray(point_labels, dtype=np.float64)
+        if coords.ndim != 2 or coords.shape[1] != 2 or lab.shape != (coords.shape[0],):
+            raise SamOnnxError(f"point_coords must be Nx2 and point_labels N; got "
+                               f"{coords.shape} and {lab.shape}")
+        check_labels(lab)
+        parts.append(coords)
+        labels.append(lab)
+    if box is not None:
+        b = np.asarray(box, dtype=np.float64).reshape(-1)
+        if b.shape != (4,):
+            raise SamOnnxError(f"box must be x0, y0, x1, y1; got shape {np.shape(box)}")
+        parts.append(b.reshape(2, 2))
+        labels.append(np.array([2.0, 3.0]))
+    if not parts:
+        raise SamOnnxError("give a prompt: point_coords with point_labels, and/or a box")
+    coords, lab = np.concatenate(parts), np.concatenate(labels)
+    if not np.isfinite(coords).all():
+        raise SamOnnxError("prompt coordinates contain NaN or Inf")
+    if image_size is not None:
+        h, w = image_size
+        if (coords[:, 0] < -w).any() or (coords[:, 0] > 2 * w).any() or \
+                (coords[:, 1] < -h).any() or (coords[:, 1] > 2 * h).any():
+            raise SamOnnxError(f"prompt coordinates far outside the {w}x{h} image: "
+                               f"{coords.min(0).tolist()} .. {coords.max(0).tolist()}; they "
+                               "are (x, y) in the original image's pixels")
+    return coords, lab
+
+
 class SamOnnxPredictor:
     """Mirrors ``segment_anything.SamPredictor``: set_image once, predict many prompts."""
 
@@ -130,6 +194,8 @@ class SamOnnxPredictor:
 
     def __init__(self, encoder: Optional[PathLike], decoder: PathLike,
                  config: SessionConfig = SessionConfig()) -> None:
+        # both graphs are read (or refused, in one line) before any session is built
+        encoder_graph = None if encoder is None else _read_graph(encoder)
         self._decoder_graph = _read_graph(decoder)
         self.decoder_contract = graph_contract(self._decoder_graph, str(decoder))
         if self.decoder_contract.role != "decoder":
@@ -164,7 +230,6 @@ class SamOnnxPredictor:
         self._mask_decoder: Optional[Session] = None
         self.encoder: Optional[Session] = None
         if encoder is not None:
-            encoder_graph = _read_graph(encoder)
             if graph_contract(encoder_graph, str(encoder)).role != "encoder":
                 raise SamOnnxError(f"{encoder} is not an image encoder")
             _require_pair(encoder_graph, self._decoder_graph, (str(encoder), str(decoder)))
@@ -298,6 +363,7 @@ class SamOnnxPredictor:
         if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
             raise SamOnnxError(f"point_coords must be BxNx2 and point_labels BxN; got "
                                f"{coords.shape} and {labels.shape}")
+        check_labels(labels)
         b = len(coords)
         coords = self._apply_coords(coords)
         if not self.family.graph_pads:  # the padding point predict_torch adds
@@ -383,38 +449,7 @@ class SamOnnxPredictor:
         return point_coords, box
 
     def _prompt(self, point_coords, point_labels, box):
-        h, w = self.original_size
-        parts, labels = [], []
-        if (point_coords is None) != (point_labels is None):
-            raise SamOnnxError("point_coords and point_labels go together: pass both or neither")
-        if point_coords is not None:
-            coords = np.asarray(point_coords, dtype=np.float64)
-            lab = np.asarray(point_labels, dtype=np.float64)
-            if coords.ndim != 2 or coords.shape[1] != 2 or lab.shape != (coords.shape[0],):
-                raise SamOnnxError(f"point_coords must be Nx2 and point_labels N; got "
-                                   f"{coords.shape} and {lab.shape}")
-            if not set(np.unique(lab)) <= {-1.0, 0.0, 1.0, 2.0, 3.0}:
-                raise SamOnnxError(f"point_labels must be -1..3 (1 foreground, 0 background); "
-                                   f"got {sorted(set(np.unique(lab)))}")
-            parts.append(coords)
-            labels.append(lab)
-        if box is not None:
-            b = np.asarray(box, dtype=np.float64).reshape(-1)
-            if b.shape != (4,):
-                raise SamOnnxError(f"box must be x0, y0, x1, y1; got shape "
-                                   f"{np.shape(box)}")
-            parts.append(b.reshape(2, 2))
-            labels.append(np.array([2.0, 3.0]))
-        if not parts:
-            raise SamOnnxError("give a prompt: point_coords with point_labels, and/or a box")
-        coords, lab = np.concatenate(parts), np.concatenate(labels)
-        if not np.isfinite(coords).all():
-            raise SamOnnxError("prompt coordinates contain NaN or Inf")
-        if (coords[:, 0] < -w).any() or (coords[:, 0] > 2 * w).any() or \
-                (coords[:, 1] < -h).any() or (coords[:, 1] > 2 * h).any():
-            raise SamOnnxError(f"prompt coordinates far outside the {w}x{h} image: "
-                               f"{coords.min(0).tolist()} .. {coords.max(0).tolist()}; they "
-                               "are (x, y) in the original image's pixels")
+        coords, lab = check_prompt(point_coords, point_labels, box, self.original_size)
         if box is None and not self.family.graph_pads:  # the padding point SamPredictor adds
             coords = np.concatenate([coords, [[0.0, 0.0]]])
             lab = np.concatenate([lab, [-1.0]])

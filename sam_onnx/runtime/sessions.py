@@ -216,8 +216,13 @@ def create(model: Union[os.PathLike, str, bytes],
                 "session.optimized_model_external_initializers_file_name", cached.name + ".data")
             options.add_session_config_entry(
                 "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    inner = ort.InferenceSession(source, options,
-                                 providers=[(p, _provider_options(p, config)) for p in runnable])
+    try:
+        inner = ort.InferenceSession(source, options, providers=[
+            (p, _provider_options(p, config)) for p in runnable])
+    except Exception as exc:  # ONNX Runtime raises its own Fail, InvalidGraph, NoSuchFile...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SamOnnxError(f"ONNX Runtime cannot load {name}: {first}; see what is wrong with "
+                           f"sam-onnx validate{'' if in_memory else ' ' + str(model)}") from None
     active = inner.get_providers()
     session = Session(inner, requested, active, input_names=[i.name for i in inner.get_inputs()],
                       output_names=[o.name for o in inner.get_outputs()])

@@ -11,6 +11,7 @@ reads their contract from the graph.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -24,13 +25,14 @@ from ..exporter.checkpoints import load_weights
 from ..exporter.run import export
 from ..families import family_of
 from ..graph import metadata
-from ..graph.findings import Report
-from ..graph.validate import read
+from ..graph.validate import readable
 from ..runtime.automatic import SamOnnxAutomaticMaskGenerator
 from ..runtime.images import load_image, synthetic
 from ..runtime.predictor import SamOnnxPredictor
 from ..runtime.sessions import SessionConfig
 from .repair import repair
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "fp16", "int8")
 #: The automatic-mask row: a small grid, with thresholds that keep random weights' masks.
@@ -136,8 +138,11 @@ def check(model_type: str, checkpoint: Optional[Path] = None, *, random_weights:
         for path in (encoder, decoder):
             _same_model(Path(path), model_type)  # refused before minutes of PyTorch work
     side = family.torch()
+    log.info("check: building %s in PyTorch (%s)", model_type,
+             "random weights" if random_weights else checkpoint or "official checkpoint")
     weights = load_weights(model_type, checkpoint, random_weights=random_weights)
     if export_to is not None:
+        log.info("check: exporting the graphs to %s", export_to)
         encoder, decoder = _export(model_type, checkpoint, random_weights, Path(export_to),
                                    decoder_contract, precision)
     for path in (encoder, decoder):
@@ -149,9 +154,12 @@ def check(model_type: str, checkpoint: Optional[Path] = None, *, random_weights:
                   contract.tolerances.get(precision, family.encoder.tolerances[precision]))
     report = CheckReport(model_type, precision, str(encoder), str(decoder), contract.name,
                          weights.checksum, family.code, onnx_pred.decoder.active)
-    for name, img in loaded:
+    for i, (name, img) in enumerate(loaded, 1):
+        log.info("check: image %d of %d (%s, %dx%d): encoder, then each prompt kind, ONNX "
+                 "Runtime vs %s", i, len(loaded), name, img.shape[1], img.shape[0], family.code)
         report.rows += _image_rows(onnx_pred, torch_pred, side, name, img, tolerances)
     if automatic and onnx_pred.batched:
+        log.info("check: automatic masks on %s, ONNX Runtime vs %s", loaded[0][0], family.code)
         settings = {**AMG_SETTINGS, **({"multimask_output": False} if _one_mask(contract) else {})}
         reference = side.SamAutomaticMaskGenerator(weights.sam, **settings)
         report.rows.append(_automatic_row(onnx_pred, reference, *loaded[0], tolerances[1],
@@ -251,11 +259,7 @@ def _decoder_rows(image, case, got, want, tol: Tolerance) -> List[Row]:
 
 def _recorded(path: Path) -> Dict:
     """What the exporter recorded in a graph (nothing for other tools' graphs)."""
-    problems = Report()
-    model = read(path, problems)
-    if model is None:
-        raise SamOnnxError(f"{problems.findings[0].message}; run sam-onnx validate {path}")
-    return metadata.read(model)
+    return metadata.read(readable(path))
 
 
 def same_weights(path: Path, checksum: Optional[str]) -> None:

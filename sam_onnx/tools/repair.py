@@ -1,8 +1,9 @@
 """``sam_onnx.repair``: apply named passes to a graph, then prove the result.
 
 The result is written through a staging folder (never over the input unless ``in_place``,
-which keeps a ``.bak``), validated, run in ONNX Runtime, and, where every pass applied
-should keep the function, compared with the original's outputs on the same feed.
+which first keeps a ``.bak``, never overwriting an earlier one), validated, run in ONNX
+Runtime, and, where every pass applied should keep the function, compared with the
+original's outputs on the same feed.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import onnx
 from ..backend import runtime_limits
 from ..core.contracts import EVERY_PROMPT
 from ..core.errors import SamOnnxError
-from ..core.files import Staging, has_external_data
+from ..core.files import Staging, has_external_data, locked, part_file
 from ..core.parity import ParityReport
 from ..core.parity import report as parity_report
 from ..families import CONTRACTS
@@ -38,6 +39,7 @@ class RepairResult:
     changes: List[str] = field(default_factory=list)
     report: Report = field(default_factory=Report)
     parity: Optional[ParityReport] = None
+    backups: List[Path] = field(default_factory=list)  # --in-place: the input's copies
 
 
 def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
@@ -52,10 +54,7 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
     if contract is not None and contract not in passes.CONTRACT_CONVERSIONS:
         raise SamOnnxError(f"--contract {contract}: use "
                            f"{', '.join(passes.CONTRACT_CONVERSIONS)}")
-    unreadable = Report()
-    original = validator.read(src, unreadable)
-    if original is None:
-        raise SamOnnxError(unreadable.findings[0].message)
+    original = validator.readable(src)
     model = onnx.load(str(src))  # with its weights: passes may rewrite them
     options = dict(rename=rename or {}, dynamic_points=dynamic_points,
                    drop_initializer_inputs=drop_initializer_inputs, ir_version=ir_version,
@@ -133,10 +132,29 @@ def _write_checked(model, src: Path, original, dst: Path, keep_external: bool,
             raise SamOnnxError(f"the repaired graph's {w.output} differs from the "
                                f"original's: {w.describe()}; nothing was written")
         if in_place:
-            for path in [src, *src.parent.glob(src.name + ".data")]:
-                shutil.copy2(path, path.with_name(path.name + ".bak"))
+            result.backups = _back_up([src, *src.parent.glob(src.name + ".data")])
         staging.commit(p.name for p in staging.dir.iterdir())
     return result
+
+
+def _back_up(paths: List[Path]) -> List[Path]:
+    """Copy each file to ``NAME.bak``, or to ``NAME.bak.N`` with the first N whose names are
+    all free: a backup is never overwritten (a second --in-place repair keeps the first one's
+    backup of the original). The folder is locked while the names are chosen."""
+    folder = paths[0].parent
+    with locked(folder):
+        n = 0
+        while any(p.with_name(p.name + _bak(n)).exists() for p in paths):
+            n += 1
+        backups = [p.with_name(p.name + _bak(n)) for p in paths]
+        for path, backup in zip(paths, backups):
+            with part_file(backup) as tmp:
+                shutil.copy2(path, tmp)
+    return backups
+
+
+def _bak(n: int) -> str:
+    return ".bak" if n == 0 else f".bak.{n}"
 
 
 def _restamp(model: onnx.ModelProto, changes: List[str]) -> None:

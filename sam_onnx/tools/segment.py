@@ -54,6 +54,25 @@ def find_images(inputs: Iterable[Path]) -> List[Path]:
     return images
 
 
+def outputs(image: Path, out_dir: Path) -> List[Path]:
+    """What segmenting ``image`` writes: its COCO-style JSON and its overlay."""
+    return [Path(out_dir) / f"{image.stem}.json", Path(out_dir) / f"{image.stem}.png"]
+
+
+def check_outputs(images: Sequence[Path], out_dir: Path) -> None:
+    """Refuse, before any work, an output folder that is a file or where an image's outputs
+    would replace an input image (an input is never overwritten)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise SamOnnxError(f"--out {out} is a file; pass a folder")
+    for image in images:
+        for target in outputs(image, out):
+            if target.exists() and os.path.samefile(target, image):
+                raise SamOnnxError(f"{image} would be replaced by its overlay {target}; pass "
+                                   "an --out folder other than the images' own (an input is "
+                                   "never overwritten)")
+
+
 def coco_record(image: Path, size, records: List[Dict]) -> Dict:
     """A COCO-style document: the image, then one annotation per mask (compressed RLE)."""
     h, w = size
@@ -86,10 +105,10 @@ class Segmenter:
                 progress: Optional[Callable[[int, int], None]] = None) -> Dict:
         rgb = load_image(image)
         records = self.generator.generate(rgb, progress=progress)
-        out = Path(self.job.out_dir)
-        _write_json(coco_record(image, rgb.shape[:2], records), out / f"{image.stem}.json")
+        json_path, overlay = outputs(image, self.job.out_dir)
+        _write_json(coco_record(image, rgb.shape[:2], records), json_path)
         masks = (amg.rle_to_mask(amg.coco_decode_rle(r["segmentation"])) for r in records)
-        save_masks_overlay(rgb, masks, out / f"{image.stem}.png")
+        save_masks_overlay(rgb, masks, overlay)
         return {"image": str(image), "masks": len(records)}
 
 
@@ -110,6 +129,7 @@ def segment_images(images: Sequence[Path], job: SegmentJob, workers: int = 1,
                    on_batch: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
     """Segment every image; ``on_image`` after each one, ``on_batch`` after each batch of
     prompts (in this process only)."""
+    check_outputs(images, job.out_dir)
     Path(job.out_dir).mkdir(parents=True, exist_ok=True)
     results = []
     if workers <= 1:
