@@ -97,9 +97,22 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
         raise SamOnnxError(f"unknown quantization {quantize!r}; use one of: "
                            f"{', '.join(QUANTIZATIONS)}")
     family.require_torch()  # or say which extra to install, before any work
-    manifest_path = Path(out_dir) / f"{model_type}_manifest.json"
-    read_manifest(manifest_path)  # one that cannot be updated is refused before any work
+    read_manifest(Path(out_dir) / f"{model_type}_manifest.json")  # refused before any work
     contracts = [family.encoder] * encoder + [get_contract(decoder_contract)] * decoder
+    try:
+        return _export(model_type, checkpoint, random_weights, Path(out_dir), contracts,
+                       opset, simplify, quantize, progress, isolate)
+    except OSError as exc:  # a full disk, a file size limit: said in one line, nothing kept
+        raise SamOnnxError(f"cannot write the graphs to {out_dir} ({exc.strerror or exc}); "
+                           "free space there or pass another --out; nothing was written") \
+            from None
+
+
+def _export(model_type: str, checkpoint: Optional[Path], random_weights: bool, out_dir: Path,
+            contracts: List[GraphContract], opset: int, simplify: bool,
+            quantize: Optional[str], progress: bool, isolate: bool) -> ExportResult:
+    """Stage, check and publish the graphs (see the module docstring)."""
+    manifest_path = out_dir / f"{model_type}_manifest.json"
     with Staging(out_dir) as staging:
         job = Job(model_type=model_type, checkpoint=checkpoint, random_weights=random_weights,
                   contracts=tuple(c.name for c in contracts), staging_dir=staging.dir,
@@ -109,7 +122,7 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
                                        "ONNX Runtime check")
         record = next(iter(staged.records.values()))
         result = ExportResult(model_type, record["weights"], record["weights_source"],
-                              Path(out_dir), exported, manifest_path,
+                              out_dir, exported, manifest_path,
                               {**staged.timings, **check_timings})
         with locked(result.out_dir):  # another export publishing here waits its turn
             manifest = read_manifest(manifest_path)

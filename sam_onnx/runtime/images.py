@@ -52,7 +52,8 @@ def _read(path: Path) -> Image.Image:
         raise SamOnnxError(f"image {path} is too large to read safely ({exc}); downscale it, "
                            "or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file") from None
     except (OSError, ValueError) as exc:
-        raise SamOnnxError(f"cannot read image {path}: {exc}") from None
+        raise SamOnnxError(f"cannot read image {path} ({exc}); check that it is a whole "
+                           "image file (JPEG, PNG, TIFF...)") from None
 
 
 def _to_uint8(arr: np.ndarray) -> np.ndarray:

@@ -68,9 +68,9 @@ def check_outputs(images: Sequence[Path], out_dir: Path) -> None:
     for image in images:
         for target in outputs(image, out):
             if target.exists() and os.path.samefile(target, image):
-                raise SamOnnxError(f"{image} would be replaced by its overlay {target}; pass "
-                                   "an --out folder other than the images' own (an input is "
-                                   "never overwritten)")
+                raise SamOnnxError(f"{image} is an input, and {image.stem}'s overlay would be "
+                                   "written over it; pass an --out folder other than the "
+                                   "images' own (an input is never overwritten)")
 
 
 def coco_record(image: Path, size, records: List[Dict]) -> Dict:
