@@ -1,6 +1,7 @@
 """`sam-onnx check` and `sam-onnx bench` end to end: on the tiny model, on vit_b random weights
 (heavy), with a deliberately broken decoder, a CUDA request on a CPU-only machine, bad input."""
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def test_check_passes_on_the_exported_graphs(graphs, tmp_path):
     cases = {r["case"] for r in report["rows"]}
     assert {"points", "box", "points+box", "points refined"} <= cases
     assert len({r["image"] for r in report["rows"]}) == 3  # three shapes by default
+    # what it is doing, as it goes (it used to print nothing for minutes)
+    assert re.search(r"check: image 1 of 3 \(.*\): encoder, then each prompt kind, ONNX "
+                     r"Runtime vs segment_anything", proc.stderr), proc.stderr
+    assert "check: image 3 of 3" in proc.stderr
     proc = run_cli("check", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
                    graphs["encoder"], "--decoder", graphs["batched"], "--image", image,
                    "--format", "markdown")

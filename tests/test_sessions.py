@@ -63,6 +63,35 @@ def test_optimized_model_cache_is_written_once_and_reused(decoder, tmp_path):
     assert cached.stat().st_mtime_ns == stamp and second.input_names[0] == "image_embeddings"
 
 
+def test_the_optimized_model_appears_only_whole_and_killed_writes_are_cleaned(decoder,
+                                                                             tmp_path):
+    """Written under a part name and renamed once ONNX Runtime has written it; a part a
+    killed start left (nobody holds its lock) is removed by the next start."""
+    config = SessionConfig(providers=("cpu",), cache_dir=tmp_path)
+    sessions.create(decoder, config)
+    (cached,) = tmp_path.glob("*.opt.onnx")
+    cached.unlink()
+    left = tmp_path / f".{cached.name}.999999.part"
+    left.write_bytes(b"half an optimized model")
+    sessions.create(decoder, config)
+    assert cached.is_file() and not left.exists()
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_a_graph_onnx_runtime_cannot_load_is_one_line_naming_validate(tmp_path):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("NoSuchOp", ["x"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp_path / "odd.onnx"
+    onnx.save(helper.make_model(graph), str(path))
+    with pytest.raises(SamOnnxError, match=r"^ONNX Runtime cannot load .*odd\.onnx: .*NoSuchOp"
+                                           r".*; see what is wrong with sam-onnx validate "):
+        sessions.create(path, SessionConfig(providers=("cpu",)))
+
+
 def test_doctor_reports_providers_and_why(tmp_path):
     proc = run_cli("doctor")
     assert proc.returncode == 0, proc.stderr

@@ -19,6 +19,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 from ..backend import installed_packages
 from ..backend import onnxruntime as ort
 from ..core.errors import SamOnnxError
+from ..core.files import part_file
 
 log = logging.getLogger(__name__)
 
@@ -204,25 +205,22 @@ def create(model: Union[os.PathLike, str, bytes],
     ort.set_default_logger_severity(3)  # ONNX Runtime's own fallback log: said once below
     options = _options(config)
     cached = None if in_memory else _cached_model(Path(model), config, runnable)
-    if cached is not None and cached.exists():
-        source = str(cached)  # already optimized: skip the optimizer on this start
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    else:
-        source = model if in_memory else str(model)
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            options.optimized_model_filepath = str(cached)
-            options.add_session_config_entry(  # big weights beside it, as in the source
-                "session.optimized_model_external_initializers_file_name", cached.name + ".data")
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
-    try:
-        inner = ort.InferenceSession(source, options, providers=[
-            (p, _provider_options(p, config)) for p in runnable])
-    except Exception as exc:  # ONNX Runtime raises its own Fail, InvalidGraph, NoSuchFile...
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SamOnnxError(f"ONNX Runtime cannot load {name}: {first}; see what is wrong with "
-                           f"sam-onnx validate{'' if in_memory else ' ' + str(model)}") from None
+    with contextlib.ExitStack() as writing:
+        if cached is not None and cached.exists():
+            source = str(cached)  # already optimized: skip the optimizer on this start
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        else:
+            source = model if in_memory else str(model)
+            if cached is not None:  # written under a part name, renamed once complete
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                options.optimized_model_filepath = str(writing.enter_context(part_file(cached)))
+                options.add_session_config_entry(  # big weights beside it, as in the source
+                    "session.optimized_model_external_initializers_file_name",
+                    cached.name + ".data")
+                options.add_session_config_entry(
+                    "session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        inner = _inference_session(source, options, runnable, config,
+                                   name if in_memory else str(model))
     active = inner.get_providers()
     session = Session(inner, requested, active, input_names=[i.name for i in inner.get_inputs()],
                       output_names=[o.name for o in inner.get_outputs()])
@@ -240,6 +238,18 @@ def create(model: Union[os.PathLike, str, bytes],
             log.debug("%s", message)
             warnings.warn(message, ProviderFallbackWarning, stacklevel=2)
     return session
+
+
+def _inference_session(source, options, providers: List[str], config: SessionConfig,
+                       name: str) -> "ort.InferenceSession":
+    """ONNX Runtime's session, or its refusal in one line with the command that says more."""
+    try:
+        return ort.InferenceSession(source, options, providers=[
+            (p, _provider_options(p, config)) for p in providers])
+    except Exception as exc:  # ONNX Runtime raises its own Fail, InvalidGraph, NoSuchFile...
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SamOnnxError(f"ONNX Runtime cannot load {name}: {first}; see what is wrong with "
+                           f"sam-onnx validate {name}") from None
 
 
 def _provider_options(provider: str, config: SessionConfig) -> dict:
