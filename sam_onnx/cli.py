@@ -440,11 +440,15 @@ def bench(model_type, checkpoint, random_weights, encoder, decoder, export_to, i
     """PyTorch and ONNX Runtime side by side: start-up, encoder, one prompt, automatic masks,
     peak RSS; medians of repeated runs, each pipeline in a fresh process. A batched decoder
     (what --export-to writes) makes the automatic-mask row fast."""
+    from .core.files import check_output
     from .tools.bench import BenchConfig, write_outputs
     from .tools.bench import bench as run_bench
 
     _require_graphs(encoder, decoder, export_to)
     hw = _floats(size.replace("x", ","), (2,), "--size")
+    for option, path in (("--out", markdown), ("--json", json_path), ("--plot", plot)):
+        if path is not None:  # before minutes of measuring
+            check_output(path, option, [p for p in (image, encoder, decoder, checkpoint) if p])
     if plot:
         try:
             import matplotlib  # noqa: F401

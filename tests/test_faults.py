@@ -155,6 +155,12 @@ CASES = [
     Case("export --out under a file",
          ["export", "--model", "tiny", "--random-weights", "--out", "img.jpg/o"], 1,
          r"cannot write to output folder img\.jpg/o"),
+    Case("bench --json is the input image", ["bench", "--model", "tiny", "--random-weights",
+                                             *GRAPHS, "--image", "img.jpg", "--json",
+                                             "img.jpg"], 1, r"--json img\.jpg is the input"),
+    Case("bench --out in a folder that does not exist",
+         ["bench", "--model", "tiny", "--random-weights", *GRAPHS, "--out", "nowhere/b.md"], 1,
+         r"--out nowhere/b\.md: folder nowhere does not exist"),
     Case("segment --out is a file", ["segment", "img.jpg", *GRAPHS, "--out", "img.jpg"], 1,
          r"--out img\.jpg is a file; pass a folder"),
     # -- a full disk (a file size limit, as the writer sees it) -------------------------

@@ -264,7 +264,8 @@ def test_a_decoder_without_its_weights_file_is_refused_with_the_fix(models, tmp_
     outside = repair(models["official"], tmp_path / "ext.onnx", external_data=True).output
     for data in tmp_path.glob("ext.onnx.*"):
         data.unlink()
-    with pytest.raises(SamOnnxError, match="cannot read the weights of .*ext.onnx.*keep the files"):
+    with pytest.raises(SamOnnxError, match=r"external data file ext\.onnx\.data is missing "
+                                           r"beside ext\.onnx; copy ext\.onnx\.data next to"):
         SamOnnxPredictor(None, outside)
 
 

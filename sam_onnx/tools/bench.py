@@ -22,6 +22,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from ..core.errors import SamOnnxError
+from ..core.files import atomic_write
 from ..core.processes import run_fresh
 from ..core.stages import peak_rss_gib
 from ..families import family_of
@@ -107,7 +108,7 @@ class BenchReport:
         fig.suptitle(f"{self.config['model_type']} on {self.config['image_name']}: PyTorch vs "
                      "ONNX Runtime (lower is better)", fontsize=11)
         fig.tight_layout()
-        fig.savefig(path, dpi=110)
+        fig.savefig(path, dpi=110, format="png")
         plt.close(fig)
 
 
@@ -289,13 +290,13 @@ def _cpu_name() -> str:
 
 def write_outputs(report: BenchReport, markdown: Optional[Path], json_path: Optional[Path],
                   plot: Optional[Path]) -> List[Path]:
+    writers = [(markdown, lambda tmp, text=report.markdown(): tmp.write_text(text + "\n")),
+               (json_path, lambda tmp, text=json.dumps(report.to_dict(), indent=2):
+                tmp.write_text(text + "\n")),
+               (plot, report.plot)]
     written = []
-    for path, text in ((markdown, report.markdown()),
-                       (json_path, json.dumps(report.to_dict(), indent=2))):
+    for path, write in writers:
         if path:
-            Path(path).write_text(text + "\n")
+            atomic_write(Path(path), write, "pass another path")
             written.append(Path(path))
-    if plot:
-        report.plot(plot)
-        written.append(Path(plot))
     return written
