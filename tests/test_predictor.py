@@ -107,6 +107,25 @@ def test_binary_masks_embeddings_round_trip_and_reset(models, tmp_path):
         pred.predict(np.array([[1, 1]]), np.array([1]))
 
 
+def test_the_encoder_keeps_its_memory_between_images_unless_told(models, monkeypatch):
+    """Kept by default (the next image does not fault it in again); handed back after each
+    image with release_memory=True; the embeddings are the same either way."""
+    asked, features = [], []
+    for release in (False, True):
+        pred = SamOnnxPredictor(models["encoder"], models["official"], release_memory=release)
+        run = pred.encoder.run
+
+        def recording_run(*args, release_memory=False, run=run):
+            asked.append(release_memory)
+            return run(*args, release_memory=release_memory)
+
+        monkeypatch.setattr(pred.encoder, "run", recording_run)
+        pred.set_image(_synthetic())
+        features.append(pred.features)
+    assert asked == [False, True]
+    np.testing.assert_array_equal(features[0], features[1])
+
+
 def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
     """An official graph runs only up to low_res_masks (the predictor upscales in numpy),
     its weights outside the file or not; prompts without a mask run with the mask inputs

@@ -193,7 +193,13 @@ class SamOnnxPredictor:
     decoder_batch = 16
 
     def __init__(self, encoder: Optional[PathLike], decoder: PathLike,
-                 config: SessionConfig = SessionConfig()) -> None:
+                 config: SessionConfig = SessionConfig(), release_memory: bool = False) -> None:
+        """``release_memory``: hand the encoder's working memory back after every image, for
+        a process that keeps the predictor idle between images while other work needs that
+        memory. By default it is kept, as one image after another (an annotation tool, a
+        dataset) wants: the next image then does not fault it in again (measured in
+        docs/benchmarks.md, "Encoder, image after image")."""
+        self.release_memory = release_memory
         # both graphs are read (or refused, in one line) before any session is built
         encoder_graph = None if encoder is None else _read_graph(encoder)
         self._decoder_graph = _read_graph(decoder)
@@ -249,9 +255,8 @@ class SamOnnxPredictor:
         rgb = load_image(image, image_format)
         x, self.input_size = transforms.image_to_input(rgb, self.family.preprocess)
         self.original_size = rgb.shape[:2]
-        # once per image: its ~1.6 GB (vit_b) of activations go back rather than stay with
-        # the encoder while the decoder runs
-        outputs = self.encoder.run(None, {self.encoder.input_names[0]: x}, release_memory=True)
+        outputs = self.encoder.run(None, {self.encoder.input_names[0]: x},
+                                   release_memory=self.release_memory)
         self._set_encoded(dict(zip(self.encoder.output_names, outputs)))
 
     def _set_encoded(self, encoded: Dict[str, np.ndarray]) -> None:
