@@ -6,6 +6,7 @@ refuse is refused first, with the validator's finding.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple, Union
@@ -196,10 +197,14 @@ class SamOnnxPredictor:
                  config: SessionConfig = SessionConfig(), release_memory: bool = False) -> None:
         """``release_memory``: hand the encoder's working memory back after every image, for
         a process that keeps the predictor idle between images while other work needs that
-        memory. By default it is kept, as one image after another (an annotation tool, a
-        dataset) wants: the next image then does not fault it in again (measured in
-        docs/benchmarks.md, "Encoder, image after image")."""
+        memory. By default it is kept from the second image on, as one image after another
+        (an annotation tool, a dataset) wants: the next image then does not fault it in
+        again. The first image's goes back: ONNX Runtime records its memory pattern on the
+        first run and asks for it as one block on later runs, which an arena still holding
+        the first run's pieces cannot serve, so it grows by as much again (vit_b, measured:
+        2.1 -> 3.7 GiB). Figures: docs/benchmarks.md, "Encoder, image after image"."""
         self.release_memory = release_memory
+        self._images_encoded = 0
         # both graphs are read (or refused, in one line) before any session is built
         encoder_graph = None if encoder is None else _read_graph(encoder)
         self._decoder_graph = _read_graph(decoder)
@@ -232,14 +237,18 @@ class SamOnnxPredictor:
         self._session_config = dataclasses.replace(config, **DECODER_SESSION)
         self._no_mask = {self.inputs[name]: value for name, value in
                          _mask_prompt(None, self._low_res_size).items() if name in self.inputs}
-        self.decoder: Session = self._decoder_session(self._no_mask)
         self._mask_decoder: Optional[Session] = None
-        self.encoder: Optional[Session] = None
         if encoder is not None:
             if graph_contract(encoder_graph, str(encoder)).role != "encoder":
                 raise SamOnnxError(f"{encoder} is not an image encoder")
             _require_pair(encoder_graph, self._decoder_graph, (str(encoder), str(decoder)))
-            self.encoder = create(encoder, config)
+        # The encoder's session is built on another thread while this one makes the
+        # decoder's: ONNX Runtime lets go of the GIL while it loads (vit_b, measured: the
+        # two sessions 0.54-0.61 s one after the other, 0.49-0.51 s side by side).
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            building = None if encoder is None else pool.submit(create, encoder, config)
+            self.decoder: Session = self._decoder_session(self._no_mask)
+            self.encoder: Optional[Session] = None if building is None else building.result()
         self.reset_image()
 
     def _decoder_session(self, bound: Dict[str, np.ndarray]) -> Session:
@@ -256,7 +265,9 @@ class SamOnnxPredictor:
         x, self.input_size = transforms.image_to_input(rgb, self.family.preprocess)
         self.original_size = rgb.shape[:2]
         outputs = self.encoder.run(None, {self.encoder.input_names[0]: x},
-                                   release_memory=self.release_memory)
+                                   release_memory=self.release_memory or
+                                   self._images_encoded == 0)
+        self._images_encoded += 1
         self._set_encoded(dict(zip(self.encoder.output_names, outputs)))
 
     def _set_encoded(self, encoded: Dict[str, np.ndarray]) -> None:
