@@ -52,7 +52,7 @@ def _expected_errors(interrupted: str = "no file was left half-written"):
 
 def _one_line(exc: Exception) -> str:
     """The message of an expected error; an OSError as "PATH: why; fix"."""
-    if not isinstance(exc, OSError) or isinstance(exc, SamOnnxError):
+    if not isinstance(exc, OSError):
         return str(exc)
     where = f"{exc.filename}: " if exc.filename else ""
     return (f"{where}{exc.strerror or exc}; check the path, its permissions and the free "

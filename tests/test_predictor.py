@@ -195,6 +195,16 @@ def test_bad_prompts_get_clear_errors(models, prompt, words):
         pred.predict(**prompt)
 
 
+def test_padding_points_with_a_box_are_a_prompt(models):
+    """Only -1 labels are refused when there is nothing else; with a box they are padding,
+    as SamPredictor takes them."""
+    pred = SamOnnxPredictor(models["encoder"], models["official"])
+    pred.set_image(_synthetic())
+    masks, scores, _ = pred.predict(np.array([[1, 2]]), np.array([-1]),
+                                    box=np.array([100, 60, 400, 240]), multimask_output=False)
+    assert masks.shape == (1, 300, 500) and scores.shape == (1,)
+
+
 def test_images_in_every_form_give_the_same_embedding(models, tmp_path):
     pred = SamOnnxPredictor(models["encoder"], models["official"])
     rgb = _synthetic(64, 96)

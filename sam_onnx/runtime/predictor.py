@@ -50,12 +50,6 @@ def graph_family(model: onnx.ModelProto, contract: GraphContract) -> Family:
     return families.of_graph(metadata.read(model)) or families.declaring(contract)
 
 
-def _read_graph(path: PathLike) -> onnx.ModelProto:
-    """The graph's protobuf only (its inputs are all the predictor checks against), or the
-    one-line reason it cannot be loaded, as validate gives it."""
-    return readable(path)
-
-
 #: What the predictor takes from any decoder (the lowres contract's outputs, and the batched
 #: one's kept prompts); it upscales the logits itself.
 READ_OUTPUTS = tuple(dict.fromkeys(DECODER_LOWRES.output_names + DECODER_BATCHED.output_names))
@@ -128,16 +122,17 @@ POINT_LABELS = {1: "foreground", 0: "background", 2: "a box's top-left corner",
                 3: "a box's bottom-right corner", -1: "padding, ignored"}
 
 
-def check_labels(labels: np.ndarray) -> None:
+def check_labels(labels: np.ndarray, with_box: bool = False) -> None:
     """Refuse point labels SAM's prompt encoder would misread, with what each label means:
-    a value that is none of them; only padding; box corners (2, 3) that do not pair up."""
+    a value that is none of them; only padding (and no box); box corners (2, 3) that do not
+    pair up."""
     values = np.unique(labels)
     unknown = [v for v in values.tolist() if v not in POINT_LABELS]
     if unknown:
         meanings = ", ".join(f"{k} {v}" for k, v in POINT_LABELS.items())
         raise SamOnnxError(f"point label {unknown[0]:g} is not a SAM label ({meanings}); "
                            "label points 1 or 0, and give a box as a box")
-    if labels.size and (labels == -1).all():
+    if labels.size and (labels == -1).all() and not with_box:
         raise SamOnnxError("every point is labelled -1 (padding, which SAM ignores): label a "
                            "point 1 (foreground) or 0 (background), or give a box")
     corners = labels[(labels == 2) | (labels == 3)]
@@ -162,7 +157,7 @@ def check_prompt(point_coords=None, point_labels=None, box=None,
         if coords.ndim != 2 or coords.shape[1] != 2 or lab.shape != (coords.shape[0],):
             raise SamOnnxError(f"point_coords must be Nx2 and point_labels N; got "
                                f"{coords.shape} and {lab.shape}")
-        check_labels(lab)
+        check_labels(lab, with_box=box is not None)
         parts.append(coords)
         labels.append(lab)
     if box is not None:
@@ -205,9 +200,10 @@ class SamOnnxPredictor:
         2.1 -> 3.7 GiB). Figures: docs/benchmarks.md, "Encoder, image after image"."""
         self.release_memory = release_memory
         self._images_encoded = 0
-        # both graphs are read (or refused, in one line) before any session is built
-        encoder_graph = None if encoder is None else _read_graph(encoder)
-        self._decoder_graph = _read_graph(decoder)
+        # both graphs' protobufs (their inputs are all the predictor checks against) are read,
+        # or refused in validate's one line, before any session is built
+        encoder_graph = None if encoder is None else readable(encoder)
+        self._decoder_graph = readable(decoder)
         self.decoder_contract = graph_contract(self._decoder_graph, str(decoder))
         if self.decoder_contract.role != "decoder":
             raise SamOnnxError(f"{decoder} is an {self.decoder_contract.role}, not a decoder")
