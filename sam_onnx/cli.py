@@ -297,7 +297,6 @@ def predict(image, encoder, decoder, points, box, out, overlay, as_json, provide
     coords = np.array([p[:2] for p in parsed]) if parsed else None
     labels = np.array([p[2] if len(p) == 3 else 1.0 for p in parsed]) if parsed else None
     box_arr = np.array(_floats(box, (4,), "--box")) if box else None
-    check_prompt(coords, labels, box_arr)
     for option, path in (("--out", out), ("--overlay", overlay)):
         if path is not None:
             check_output(path, option, [image, encoder, decoder])

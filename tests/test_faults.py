@@ -302,6 +302,30 @@ def test_the_next_export_removes_what_a_killed_one_left(tmp_path):
     assert _stale(tmp_path) == []
 
 
+def test_only_what_a_gone_process_left_is_removed(tmp_path):
+    """A staging folder or part file is removed only when the pid in its name is not running
+    and nobody holds its lock: one a live process just made (not locked yet) stays."""
+    from sam_onnx.core.files import Staging, part_file
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid now names no running process
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-justmade"
+    dead = tmp_path / f"{STAGING_PREFIX}{gone.pid}-killed"
+    left_part = tmp_path / f".m.png.{gone.pid}.part"
+    for folder in (live, dead):
+        folder.mkdir()
+    (tmp_path / f".m.png.{os.getpid()}.part").write_bytes(b"being written")
+    left_part.write_bytes(b"left")
+    with Staging(tmp_path):
+        pass
+    assert live.exists() and not dead.exists()
+    with part_file(tmp_path / "n.png") as tmp:
+        tmp.write_bytes(b"n")
+    with part_file(tmp_path / "m.png") as tmp:
+        tmp.write_bytes(b"m")
+    assert not left_part.exists() and (tmp_path / "m.png").read_bytes() == b"m"
+
+
 def test_two_exports_into_one_folder_keep_both_records(tmp_path):
     """Run at the same time: the official and the lowres decoder, one manifest with both."""
     procs = [subprocess.Popen(_export_cmd(tmp_path, "--no-encoder", "--decoder-contract", c),

@@ -12,16 +12,17 @@ import contextlib
 import glob
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, List
+from typing import Callable, Iterable, Iterator, List, Optional
 
 from .errors import SamOnnxError
 
 try:
     import fcntl
-except ImportError:  # Windows: no flock; an abandoned part is then never taken for dead
+except ImportError:  # Windows: no flock; nothing is then taken for abandoned
     fcntl = None
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,6 @@ STAGING_PREFIX = ".sam-onnx-staging-"
 
 def _flock(fd: int, blocking: bool = True) -> bool:
     """Take an exclusive lock on ``fd``; False when another process holds it (non-blocking)."""
-    if fcntl is None:
-        return blocking
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
     except BlockingIOError:
@@ -40,28 +39,63 @@ def _flock(fd: int, blocking: bool = True) -> bool:
     return True
 
 
+def _hold(path: Path) -> Optional[int]:
+    """An open descriptor of ``path`` (a folder or a file) with this process's lock on it,
+    released when it is closed or the process dies; None where there is no flock."""
+    if fcntl is None:
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    _flock(fd)
+    return fd
+
+
+def _release(fd: Optional[int]) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (a folder or a file) for the block: read-merge-write
     of a manifest, the choice of a backup's name."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = _hold(path)
     try:
-        _flock(fd)
         yield
     finally:
-        os.close(fd)
+        _release(fd)
+
+
+#: The writer's pid in a staging folder's or part file's name.
+_WRITER = re.compile(rf"^{re.escape(STAGING_PREFIX)}(\d+)-|\.(\d+)\.part$")
 
 
 def _abandoned(path: Path) -> bool:
-    """Whether nobody holds ``path``'s lock: the process that wrote it is gone."""
+    """Whether the process that wrote ``path`` is gone: the pid in its name (when it has one)
+    is not running, and nobody holds its lock. Both, so that neither a folder just made and
+    not yet locked nor a reused pid is taken for dead."""
+    named = _WRITER.search(path.name)
+    if named is not None and _running(int(named.group(1) or named.group(2))):
+        return False
+    if fcntl is None:
+        return False
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
         return False
     try:
-        return fcntl is not None and _flock(fd, blocking=False)
+        return _flock(fd, blocking=False)
     finally:
         os.close(fd)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def remove_abandoned(folder: Path, pattern: str) -> List[Path]:
@@ -92,20 +126,19 @@ class Staging:
             remove_abandoned(self.out_dir, STAGING_PREFIX + "*")
             self.dir = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-",
                                              dir=self.out_dir))
-            self._lock = os.open(self.dir, os.O_RDONLY)
+            self._lock = _hold(self.dir)
         except OSError as exc:
             raise SamOnnxError(
                 f"cannot write to output folder {self.out_dir} ({exc.strerror or exc}); "
                 "pass --out with a writable folder"
             ) from None
-        _flock(self._lock)
 
     def __enter__(self) -> "Staging":
         return self
 
     def __exit__(self, *exc) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
-        os.close(self._lock)
+        _release(self._lock)
 
     def path(self, name: str) -> Path:
         return self.dir / name
@@ -129,7 +162,8 @@ def part_file(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.part")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
     try:
-        _flock(fd)
+        if fcntl is not None:
+            _flock(fd)
         yield tmp
         os.fsync(fd)
         os.replace(tmp, path)
