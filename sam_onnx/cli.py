@@ -18,6 +18,7 @@ import click
 from .core import logs
 from .core.errors import SamOnnxError
 from .families import CONTRACTS, EXPORTED_DECODERS, MODEL_NAMES
+from .families.sam.contracts import CONVERTIBLE
 
 
 class Terminated(KeyboardInterrupt):
@@ -133,6 +134,15 @@ def _require_graphs(encoder, decoder, export_to) -> None:
               show_default=True, help="Output folder.")
 @click.option("--decoder-contract", type=click.Choice(EXPORTED_DECODERS), default="official",
               show_default=True, help="Which decoder inputs/outputs to export.")
+@click.option("--return-single-mask", is_flag=True,
+              help="The official decoder returning one mask, chosen by segment-anything's "
+                   "select_masks (its export script's flag; what the ONNX notebook, the web "
+                   "demo and AnyLabeling run): --decoder-contract official_single.")
+@click.option("--encoder-contract", type=click.Choice(["tensor", "image"]), default="tensor",
+              show_default=True,
+              help="tensor: the pre-processed 1x3x1024x1024 input; image: the resized image "
+                   "itself, HxWx3 RGB 0-255, normalized and padded inside the graph (what "
+                   "AnyLabeling / X-AnyLabeling feed).")
 @click.option("--opset", type=click.IntRange(18, 20), default=18, show_default=True,
               help="ONNX opset of both graphs (the exporters' common range).")
 @click.option("--simplify", is_flag=True, help="Run onnxsim on graphs under 2 GB.")
@@ -141,10 +151,16 @@ def _require_graphs(encoder, decoder, export_to) -> None:
 @click.option("--encoder/--no-encoder", default=True, show_default=True)
 @click.option("--decoder/--no-decoder", default=True, show_default=True)
 @_expected_errors("nothing was written under the final names")
-def export(**options) -> None:
+def export(return_single_mask, **options) -> None:
     """Export SAM's encoder and decoder, check them against PyTorch, write a manifest."""
     from .exporter.run import export as run_export
 
+    if return_single_mask:
+        if options["decoder_contract"] != "official":
+            raise click.UsageError("--return-single-mask is the official decoder returning one "
+                                   "mask; drop --decoder-contract "
+                                   f"{options['decoder_contract']}")
+        options["decoder_contract"] = "official_single"
     result = run_export(**options)
     for g in result.graphs:
         click.echo(f"{g.path}  [{g.contract.name}, {g.precision}]  {g.parity.summary()}")
@@ -222,9 +238,13 @@ def _pairs(ctx, param, values):
               help="Keep weights in a .data file beside the graph, or inside it (under 2 GB).")
 @click.option("--simplify", is_flag=True, help="Simplify with onnxsim.")
 @click.option("--fp16", is_flag=True, help="float16 weights and compute, float32 inputs/outputs.")
-@click.option("--contract", type=click.Choice(["official", "lowres", "batched"]),
+@click.option("--contract", type=click.Choice(CONVERTIBLE),
               help="Adapt a decoder to this contract (add or remove has_mask_input, "
-                   "orig_im_size and the upscaling; add pred_iou_thresh to a many-prompt one).")
+                   "orig_im_size and the upscaling; one mask or four; add pred_iou_thresh to "
+                   "a many-prompt one).")
+@click.option("--fix-crop", is_flag=True,
+              help="Recompute masks from low_res_masks, for a decoder whose crop was frozen at "
+                   "its export's image size (segment-anything 1.0's export).")
 @click.option("--auto", "auto", is_flag=True, help="Apply what makes the graph take --feed.")
 @click.option("--feed", help="With --auto: the contract whose feed the graph must take.")
 @_expected_errors("nothing was written; the input is unchanged")

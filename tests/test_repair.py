@@ -10,8 +10,13 @@ from conftest import run_cli, static_points
 import sam_onnx
 from sam_onnx import backend
 from sam_onnx.core.errors import SamOnnxError
-from sam_onnx.families.sam.contracts import DECODER_BATCHED, DECODER_LOWRES, DECODER_OFFICIAL
-from sam_onnx.graph import feeds, metadata
+from sam_onnx.families.sam.contracts import (
+    CONVERTIBLE,
+    DECODER_BATCHED,
+    DECODER_LOWRES,
+    DECODER_OFFICIAL,
+)
+from sam_onnx.graph import feeds, metadata, passes
 from sam_onnx.graph.passes import keep_outputs
 from sam_onnx.tools.repair import repair
 
@@ -270,3 +275,50 @@ def test_auto_gives_an_unfiltered_many_prompt_decoder_the_batched_contract(tiny_
     assert 0 < len(got[2]) < 6
     for w, g in zip(want, got):
         np.testing.assert_allclose(g, w, atol=1e-5)
+
+
+def test_official_to_lowres_and_back_equals_the_original(decoders, tmp_path):
+    """The documented round trip: official -> lowres -> official gives the original's
+    outputs (has_mask_input becomes an input again; the masks upscaled at any size)."""
+    lowres = repair(decoders["official"], tmp_path / "lowres.onnx", contract="lowres").output
+    back = repair(lowres, tmp_path / "official.onnx", contract="official").output
+    assert metadata.read(onnx.load(str(back)))["contract"] == "official"
+    for size, has_mask in (((534, 800), 1.0), ((1800, 1200), 0.0)):
+        arrays = _prompt(size, has_mask)
+        got, want = _run(back, arrays), _run(decoders["official"], arrays)
+        for name in DECODER_OFFICIAL.output_names:
+            np.testing.assert_allclose(got[name], want[name], atol=1e-4)
+
+
+def _selected(arrays, outputs):
+    """segment-anything's select_masks on all four masks, in numpy: the single-mask token
+    with three or more points, else the best of the other three."""
+    n = arrays["point_coords"].shape[1]
+    score = outputs["iou_predictions"] + (n - 2.5) * np.array([[1000.0, 0, 0, 0]])
+    best = int(np.argmax(score[0]))
+    return {k: v[:, best:best + 1] for k, v in outputs.items()}
+
+
+def test_every_conversion_is_offered_on_the_command_line():
+    assert set(passes.CONTRACT_CONVERSIONS) == set(CONVERTIBLE)
+
+
+def test_official_to_single_mask_and_back(decoders, tmp_path):
+    single = repair(decoders["official"], tmp_path / "single.onnx",
+                    contract="official_single").output
+    assert metadata.read(onnx.load(str(single)))["contract"] == "official_single"
+    assert sam_onnx.validate(single, feed="official", run=True).ok
+    four = run_cli("repair", single, "-o", tmp_path / "four.onnx", "--contract", "official")
+    assert four.returncode == 0, four.stderr
+    for points in ([[500.0, 300.0], [0.0, 0.0]], [[500.0, 300.0], [90, 80], [0.0, 0.0]]):
+        arrays = _prompt((1800, 1200), 0.0)
+        arrays["point_coords"] = np.array([points], np.float32)
+        arrays["point_labels"] = np.array([[1.0] * (len(points) - 1) + [-1.0]], np.float32)
+        want = _run(decoders["official"], arrays)
+        got = _run(single, arrays)
+        assert got["masks"].shape == (1, 1, 1800, 1200) and got["low_res_masks"].shape[1] == 1
+        for name, value in _selected(arrays, want).items():
+            np.testing.assert_allclose(got[name], value, atol=1e-5)
+        back = _run(tmp_path / "four.onnx", arrays)
+        for name in DECODER_OFFICIAL.output_names:
+            np.testing.assert_allclose(back[name], want[name], atol=1e-5)

@@ -84,6 +84,12 @@ class GraphContract:
     outputs: Tuple[TensorSpec, ...]
     #: Parity with PyTorch per precision, used by the exporter's checks.
     tolerances: Mapping[str, Tolerance] = field(default_factory=dict)
+    #: A decoder that returns one mask a prompt, chosen in the graph: the rule's name
+    #: (``select_masks``: segment-anything's), "" when the caller chooses.
+    selects: str = ""
+    #: An encoder that takes the image resized but not normalized or padded (HxWx3): the
+    #: family's normalization and padding are inside the graph.
+    preprocess_inside: bool = False
 
     @property
     def input_names(self) -> Tuple[str, ...]:
@@ -121,4 +127,6 @@ class GraphContract:
             inputs=tuple(spec(d) for d in data["inputs"]),
             outputs=tuple(spec(d) for d in data["outputs"]),
             tolerances={k: Tolerance(**v) for k, v in data.get("tolerances", {}).items()},
+            selects=data.get("selects", ""),
+            preprocess_inside=bool(data.get("preprocess_inside", False)),
         )

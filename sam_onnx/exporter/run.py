@@ -81,10 +81,16 @@ class ExportResult:
 
 def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
            random_weights: bool = False, out_dir: Path = Path("exported"),
-           decoder_contract: str = "official", opset: int = DEFAULT_OPSET,
-           simplify: bool = False, quantize: Optional[str] = None, encoder: bool = True,
-           decoder: bool = True, progress: bool = True, isolate: bool = True) -> ExportResult:
+           decoder_contract: str = "official", encoder_contract: str = "tensor",
+           opset: int = DEFAULT_OPSET, simplify: bool = False, quantize: Optional[str] = None,
+           encoder: bool = True, decoder: bool = True, progress: bool = True,
+           isolate: bool = True) -> ExportResult:
     """Export, check and publish the graphs of one SAM model; see the module docstring.
+
+    ``encoder_contract``: ``tensor`` (the pre-processed 1x3x1024x1024 input) or ``image``
+    (the resized image itself, HxWx3: pre-processing inside the graph, as AnyLabeling feeds).
+    ``decoder_contract``: ``official``, ``official_single`` (one mask, as segment-anything's
+    ``--return-single-mask``), ``lowres`` or ``batched``, or a family's own contract name.
 
     ``isolate=False`` runs both halves in this process: quicker to start, but the model
     stays in memory through the checks.
@@ -98,7 +104,8 @@ def export(model_type: str = "vit_h", checkpoint: Optional[Path] = None, *,
                            f"{', '.join(QUANTIZATIONS)}")
     family.require_torch()  # or say which extra to install, before any work
     read_manifest(Path(out_dir) / f"{model_type}_manifest.json")  # refused before any work
-    contracts = [family.encoder] * encoder + [get_contract(decoder_contract)] * decoder
+    contracts = [family.encoder_contract(encoder_contract)] * encoder + \
+        [get_contract(decoder_contract)] * decoder
     try:
         return _export(model_type, checkpoint, random_weights, Path(out_dir), contracts,
                        opset, simplify, quantize, progress, isolate)

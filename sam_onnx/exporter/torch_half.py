@@ -12,6 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Dict, List, Tuple
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxscript.optimizer
@@ -55,10 +56,10 @@ def _run(job: Job, weights: Weights, stage: Stages) -> Staged:
     paths, records = {}, {}
     for contract in contracts:
         name = f"{job.model_type}_{contract.role}" + (
-            f"_{contract.name}" if contract.role == "decoder" else "")
+            "" if contract == family.encoder else f"_{contract.name}".replace("_encoder", ""))
         path = job.staging_dir / (name + ".onnx")
         with stage(f"export {contract.role} ({contract.name})"):
-            _EXPORTERS[contract.role](side, weights.sam, contract, path, job.opset)
+            _EXPORTERS[contract.role](side, weights.sam, contract, path, job.opset, family)
             written = graph_io.opset(graph_io.read_proto(path))
             if written != job.opset:
                 raise SamOnnxError(f"the {contract.role} exporter wrote opset {written}, not "
@@ -81,7 +82,14 @@ def _reference_checks(side, sam, contracts: List[GraphContract]) -> Tuple[Dict, 
     checks = {}
     encoded = reference.random_encoder_outputs(sam)
     for contract in contracts:
-        if contract.role == "encoder":
+        if contract.preprocess_inside:  # the image itself, in both orientations
+            checks[contract.name] = {
+                name: ({"input_image": image}, reference.encoder_reference(
+                    sam, {"image": sam.preprocess(torch.from_numpy(image).permute(2, 0, 1)[None])
+                          .numpy()}))
+                for name, image in _example_images().items()}
+            encoded = checks[contract.name]["landscape"][1]
+        elif contract.role == "encoder":
             feed = reference.encoder_input()
             encoded = reference.encoder_reference(sam, feed)  # decoders get real embeddings
             checks[contract.name] = {"random image": (feed, encoded)}
@@ -94,6 +102,32 @@ def _reference_checks(side, sam, contracts: List[GraphContract]) -> Tuple[Dict, 
     return checks, encoded
 
 
+def _example_images(seed: int = 0) -> Dict[str, np.ndarray]:
+    """Random RGB images (0-255, float32) resized as SamPredictor resizes them: longest side
+    1024, the other shorter, one landscape and one portrait (a graph whose padding or
+    transpose is wrong for either fails its check)."""
+    rng = np.random.default_rng(seed)
+    return {name: rng.uniform(0, 255, shape).round().astype(np.float32)
+            for name, shape in (("landscape", (683, 1024, 3)), ("portrait", (1024, 576, 3)))}
+
+
+class _PreprocessInside(torch.nn.Module):
+    """An encoder taking the resized image itself (HxWx3, RGB 0-255): normalized by the
+    family's pixel mean and std, transposed to 1x3xHxW and zero-padded bottom-right to the
+    encoder's square, as Sam.preprocess does, then encoded."""
+
+    def __init__(self, encoder: torch.nn.Module, pre) -> None:
+        super().__init__()
+        self.encoder, self.size = encoder, pre.image_size
+        self.register_buffer("mean", torch.tensor(pre.pixel_mean, dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(pre.pixel_std, dtype=torch.float32))
+
+    def forward(self, input_image: torch.Tensor) -> torch.Tensor:
+        x = ((input_image - self.mean) / self.std).permute(2, 0, 1)[None]
+        h, w = input_image.shape[0], input_image.shape[1]
+        return self.encoder(torch.nn.functional.pad(x, (0, self.size - w, 0, self.size - h)))
+
+
 def _model_dims(encoder: GraphContract, encoded: Dict) -> Dict[str, int]:
     """The sizes of the symbolic dims of what the encoder returns, fixed per model (HQ-SAM's
     vit_dim and num_interm): recorded, so that a feed made for a graph has them."""
@@ -101,13 +135,23 @@ def _model_dims(encoder: GraphContract, encoded: Dict) -> Dict[str, int]:
             for axis, symbol in spec.dynamic_axes.items()}
 
 
-def _export_encoder(side, sam, contract: GraphContract, path: Path, opset: int) -> None:
-    """torch.export-based exporter with external data: the only one that fits vit_h in memory."""
-    (spec,) = contract.inputs
-    example = torch.zeros(spec.shape, dtype=torch.float32)
+def _export_encoder(side, sam, contract: GraphContract, path: Path, opset: int,
+                    family) -> None:
+    """torch.export-based exporter with external data: the only one that fits vit_h in memory.
+    An image-input encoder's height and width are dynamic, up to the encoder's size."""
+    module, dynamic = side.encoder_module(sam), None
+    if contract.preprocess_inside:
+        module = _PreprocessInside(module, family.preprocess)
+        example = torch.zeros((683, 1024, 3), dtype=torch.float32)
+        size = family.preprocess.image_size
+        dynamic = {"input_image": {0: torch.export.Dim("image_height", min=2, max=size),
+                                   1: torch.export.Dim("image_width", min=2, max=size)}}
+    else:
+        (spec,) = contract.inputs
+        example = torch.zeros(spec.shape, dtype=torch.float32)
     with _quiet(), side.export_context():
-        program = torch.onnx.export(side.encoder_module(sam), (example,), dynamo=True,
-                                    optimize=False,
+        program = torch.onnx.export(module, (example,), dynamo=True, optimize=False,
+                                    dynamic_shapes=dynamic,
                                     opset_version=opset, input_names=list(contract.input_names),
                                     output_names=list(contract.output_names))
         _tidy(program.model)
@@ -129,7 +173,8 @@ def _tidy(model) -> None:
     )(model)
 
 
-def _export_decoder(side, sam, contract: GraphContract, path: Path, opset: int) -> None:
+def _export_decoder(side, sam, contract: GraphContract, path: Path, opset: int,
+                    family) -> None:
     """TorchScript exporter: it keeps the upscale to ``orig_im_size`` dynamic, as
     segment-anything's own export script relies on."""
     reference = side.reference

@@ -48,6 +48,9 @@ class Family:
     #: SAM's decoder form names (official, batched...) -> this family's contract for that form,
     #: where its contracts have names of their own.
     decoder_forms: Mapping[str, str] = field(default_factory=dict)
+    #: Encoder forms (``--encoder-contract image``) -> this family's contract for each, beside
+    #: ``tensor``, the pre-processed tensor every family's encoder takes.
+    encoder_forms: Mapping[str, str] = field(default_factory=dict)
     #: Model name -> its official checkpoint's published MD5, where one is published
     #: (segment-anything's file names carry its first six hex digits): a download or a
     #: cached file that differs is refused or replaced.
@@ -103,6 +106,16 @@ class Family:
         known = ", ".join(dict.fromkeys([*self.decoder_forms, *self.exported_decoders]))
         raise SamOnnxError(f"the {self.name} family has no {name!r} decoder; use one of: "
                            f"{known}")
+
+    def encoder_contract(self, form: str) -> GraphContract:
+        """The encoder contract for ``form``: ``tensor`` (the family's encoder), or a form it
+        declares (``image``: the pre-processing inside the graph)."""
+        if form == "tensor":
+            return self.encoder
+        if form in self.encoder_forms:
+            return self.contracts[self.encoder_forms[form]]
+        raise SamOnnxError(f"the {self.name} family has no {form!r} encoder; use one of: "
+                           f"{', '.join(['tensor', *self.encoder_forms])}")
 
     def require_torch(self) -> None:
         """Fail in one line, naming the extra to install, when the PyTorch side cannot be

@@ -13,7 +13,14 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ..core.errors import SamOnnxError
-from ..families.sam.contracts import DECODER_BATCHED, DECODER_LOWRES, DECODER_OFFICIAL, IMAGE_SIZE
+from ..families.sam.contracts import (
+    DECODER_BATCHED,
+    DECODER_LOWRES,
+    DECODER_OFFICIAL,
+    DECODER_OFFICIAL_SINGLE,
+    IMAGE_SIZE,
+    NUM_MASK_TOKENS,
+)
 from . import io as graph_io
 from . import signature
 
@@ -109,59 +116,166 @@ def convert_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
                            f"{opset}") from None
 
 
+#: Names to_lowres and to_single give what they compute, so that to_official can undo them.
+_HAS_MASK = "sam_onnx_has_mask"
+_ALL = {"masks": "sam_onnx_all_masks", "iou_predictions": "sam_onnx_all_iou",
+        "low_res_masks": "sam_onnx_all_low_res"}
+
+
 def to_official(model: onnx.ModelProto) -> List[str]:
-    """A 4-input ``lowres`` decoder becomes the 6-input ``official`` one: has_mask_input gates
-    mask_input, and the low-res logits are upscaled to 1024, cropped to the resized image and
-    resized to orig_im_size inside the graph, as segment-anything's decoder does."""
+    """A decoder becomes the 6-input ``official`` one returning all four masks.
+
+    From ``lowres``: has_mask_input gates mask_input (or, where to_lowres computed it from
+    mask_input, becomes an input again), and the low-res logits are upscaled to orig_im_size
+    inside the graph (``_upscale_nodes``). From a single-mask decoder that to_single made:
+    the selection is removed."""
     g = model.graph
     names = {v.name for v in g.input}
+    if names == set(DECODER_OFFICIAL.input_names):
+        return _unselect(model)
     if names != set(DECODER_LOWRES.input_names):
         raise SamOnnxError("only a lowres decoder (image_embeddings, point_coords, point_labels, "
                            "mask_input) can be adapted to the official contract")
     if {"low_res_masks", "iou_predictions"} - {o.name for o in g.output}:
         raise SamOnnxError("the decoder's outputs must be named low_res_masks and "
                            "iou_predictions first: --rename OLD=low_res_masks")
-    _rename_everywhere(g, "mask_input", "mask_input_gated")
-    for v in g.input:  # the graph input keeps its public name
-        if v.name == "mask_input_gated":
-            v.name = "mask_input"
-    g.input.extend([helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.shape))
-                    for t in DECODER_OFFICIAL.inputs[4:]])
-    c = lambda name, values, dtype=TensorProto.INT64: helper.make_tensor(  # noqa: E731
-        name, dtype, [len(values)], values)
-    g.initializer.extend([
-        c("sam_onnx_full", [1, 4, IMAGE_SIZE, IMAGE_SIZE]),
-        c("sam_onnx_image_size", [float(IMAGE_SIZE)], TensorProto.FLOAT),
-        c("sam_onnx_half", [0.5], TensorProto.FLOAT),
-        c("sam_onnx_zeros2", [0, 0]), c("sam_onnx_axes23", [2, 3]), c("sam_onnx_b4", [1, 4]),
-    ])
-    n = helper.make_node
-    nodes = [
-        n("Mul", ["mask_input", "has_mask_input"], ["mask_input_gated"]),
-        n("Resize", ["low_res_masks", "", "", "sam_onnx_full"], ["sam_onnx_up"], mode="linear",
-          coordinate_transformation_mode="pytorch_half_pixel"),
-        n("ReduceMax", ["orig_im_size"], ["sam_onnx_long"], keepdims=1),
-        n("Div", ["sam_onnx_image_size", "sam_onnx_long"], ["sam_onnx_scale"]),
-        n("Mul", ["orig_im_size", "sam_onnx_scale"], ["sam_onnx_scaled"]),
-        n("Add", ["sam_onnx_scaled", "sam_onnx_half"], ["sam_onnx_rounded"]),
-        n("Floor", ["sam_onnx_rounded"], ["sam_onnx_floor"]),
-        n("Cast", ["sam_onnx_floor"], ["sam_onnx_prepadded"], to=TensorProto.INT64),
-        n("Slice", ["sam_onnx_up", "sam_onnx_zeros2", "sam_onnx_prepadded", "sam_onnx_axes23"],
-          ["sam_onnx_cropped"]),
-        n("Cast", ["orig_im_size"], ["sam_onnx_orig"], to=TensorProto.INT64),
-        n("Concat", ["sam_onnx_b4", "sam_onnx_orig"], ["sam_onnx_out_size"], axis=0),
-        n("Resize", ["sam_onnx_cropped", "", "", "sam_onnx_out_size"], ["masks"], mode="linear",
-          coordinate_transformation_mode="pytorch_half_pixel"),
-    ]
-    g.node.insert(0, nodes[0])
-    g.node.extend(nodes[1:])
+    has_mask = helper.make_tensor_value_info("has_mask_input", TensorProto.FLOAT, [1])
+    size = helper.make_tensor_value_info("orig_im_size", TensorProto.FLOAT, [2])
+    if any(_HAS_MASK in node.output for node in g.node):  # to_lowres's: the original gate
+        _remove_nodes(g, lambda node: node.output[0] in _LOWRES_PROLOGUE)
+        _rename_everywhere(g, _HAS_MASK, "has_mask_input")
+        done = "has_mask_input an input again (it was computed from mask_input)"
+    else:
+        _rename_everywhere(g, "mask_input", "mask_input_gated")
+        for v in g.input:  # the graph input keeps its public name
+            if v.name == "mask_input_gated":
+                v.name = "mask_input"
+        g.node.insert(0, helper.make_node("Mul", ["mask_input", "has_mask_input"],
+                                          ["mask_input_gated"]))
+        done = "added has_mask_input (gates mask_input)"
+    g.input.extend([has_mask, size])
+    g.node.extend(_upscale_nodes(g, "low_res_masks", "masks"))
     outputs = {o.name: o for o in g.output}
     del g.output[:]
     g.output.extend([helper.make_tensor_value_info("masks", TensorProto.FLOAT,
                                                    list(DECODER_OFFICIAL.outputs[0].shape)),
                      outputs["iou_predictions"], outputs["low_res_masks"]])
-    return ["added has_mask_input (gates mask_input) and orig_im_size",
-            "added upscale-and-crop to orig_im_size: output masks"]
+    _prune(g)
+    return [f"{done} and orig_im_size", "added upscale-and-crop to orig_im_size: output masks"]
+
+
+def _upscale_nodes(g: onnx.GraphProto, low_res: str, out: str) -> List[onnx.NodeProto]:
+    """segment-anything's mask_postprocessing as nodes, for any image size: ``low_res``
+    logits (B, C, 256, 256) upscaled to 1024, cropped to the image resized so its longest
+    side is 1024 (rounded as ResizeLongestSide), resized to orig_im_size: ``out``."""
+    p = f"sam_onnx_{out}_"
+    g.initializer.extend([
+        helper.make_tensor(p + "square", TensorProto.INT64, [2], [IMAGE_SIZE, IMAGE_SIZE]),
+        helper.make_tensor(p + "image_size", TensorProto.FLOAT, [1], [float(IMAGE_SIZE)]),
+        helper.make_tensor(p + "half", TensorProto.FLOAT, [1], [0.5]),
+        helper.make_tensor(p + "zeros2", TensorProto.INT64, [2], [0, 0]),
+        helper.make_tensor(p + "axes23", TensorProto.INT64, [2], [2, 3]),
+        helper.make_tensor(p + "start", TensorProto.INT64, [1], [0]),
+        helper.make_tensor(p + "end", TensorProto.INT64, [1], [2]),
+    ])
+    n = helper.make_node
+    return [
+        n("Shape", [low_res], [p + "shape"]),
+        n("Slice", [p + "shape", p + "start", p + "end"], [p + "bc"]),
+        n("Concat", [p + "bc", p + "square"], [p + "full"], axis=0),
+        n("Resize", [low_res, "", "", p + "full"], [p + "up"], mode="linear",
+          coordinate_transformation_mode="pytorch_half_pixel"),
+        n("ReduceMax", ["orig_im_size"], [p + "long"], keepdims=1),
+        n("Div", [p + "image_size", p + "long"], [p + "scale"]),
+        n("Mul", ["orig_im_size", p + "scale"], [p + "scaled"]),
+        n("Add", [p + "scaled", p + "half"], [p + "rounded"]),
+        n("Floor", [p + "rounded"], [p + "floor"]),
+        n("Cast", [p + "floor"], [p + "prepadded"], to=TensorProto.INT64),
+        n("Slice", [p + "up", p + "zeros2", p + "prepadded", p + "axes23"], [p + "cropped"]),
+        n("Cast", ["orig_im_size"], [p + "orig"], to=TensorProto.INT64),
+        n("Concat", [p + "bc", p + "orig"], [p + "out_size"], axis=0),
+        n("Resize", [p + "cropped", "", "", p + "out_size"], [out], mode="linear",
+          coordinate_transformation_mode="pytorch_half_pixel"),
+    ]
+
+
+def _remove_nodes(g: onnx.GraphProto, which: Callable[[onnx.NodeProto], bool]) -> None:
+    kept = [node for node in g.node if not which(node)]
+    del g.node[:]
+    g.node.extend(kept)
+
+
+def fix_crop(model: onnx.ModelProto) -> List[str]:
+    """An official-form decoder whose crop was frozen at the size it was exported with
+    (segment-anything 1.0 crops with ``int(tensor)``, which the tracer records as a
+    constant): its ``masks`` are recomputed from its ``low_res_masks`` by ``_upscale_nodes``,
+    right at every image size."""
+    g = model.graph
+    outputs = [o.name for o in g.output]
+    if not {"masks", "low_res_masks"} <= set(outputs) or \
+            "orig_im_size" not in {v.name for v in g.input}:
+        raise SamOnnxError("only a decoder with the official form (orig_im_size in; masks and "
+                           "low_res_masks out) has a crop to fix")
+    masks = onnx.ValueInfoProto()
+    masks.CopyFrom(next(o for o in g.output if o.name == "masks"))
+    _rename_everywhere(g, "masks", "sam_onnx_frozen_masks")
+    _keep_outputs(g, [o for o in outputs if o != "masks"])
+    g.node.extend(_upscale_nodes(g, "low_res_masks", "masks"))
+    kept = {o.name: o for o in g.output}
+    del g.output[:]
+    g.output.extend(masks if o == "masks" else kept[o] for o in outputs)
+    return ["masks recomputed from low_res_masks: the crop follows orig_im_size"]
+
+
+def to_single(model: onnx.ModelProto) -> List[str]:
+    """An ``official`` decoder becomes ``official_single``: segment-anything's select_masks
+    as nodes (the single-mask token's score raised by (num_points - 2.5) * 1000; the best
+    score picks the mask, its score and its low-res logits)."""
+    g = model.graph
+    if {v.name for v in g.input} != set(DECODER_OFFICIAL.input_names) or \
+            [o.name for o in g.output] != list(DECODER_OFFICIAL.output_names):
+        raise SamOnnxError("only an official decoder (six inputs; masks, iou_predictions, "
+                           "low_res_masks) can be made to return a single mask")
+    for name, inner in _ALL.items():
+        _rename_everywhere(g, name, inner)
+    g.initializer.extend([
+        helper.make_tensor("sam_onnx_one", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("sam_onnx_two", TensorProto.INT64, [1], [2]),
+        helper.make_tensor("sam_onnx_two_and_half", TensorProto.FLOAT, [], [2.5]),
+        helper.make_tensor("sam_onnx_reweight", TensorProto.FLOAT, [1, NUM_MASK_TOKENS],
+                           [1000.0] + [0.0] * (NUM_MASK_TOKENS - 1)),
+    ])
+    n = helper.make_node
+    g.node.extend([
+        n("Shape", ["point_coords"], ["sam_onnx_coords_shape"]),
+        n("Slice", ["sam_onnx_coords_shape", "sam_onnx_one", "sam_onnx_two"],
+          ["sam_onnx_num_points"]),
+        n("Cast", ["sam_onnx_num_points"], ["sam_onnx_num_points_f"], to=TensorProto.FLOAT),
+        n("Sub", ["sam_onnx_num_points_f", "sam_onnx_two_and_half"], ["sam_onnx_excess"]),
+        n("Mul", ["sam_onnx_excess", "sam_onnx_reweight"], ["sam_onnx_bonus"]),
+        n("Add", [_ALL["iou_predictions"], "sam_onnx_bonus"], ["sam_onnx_score"]),
+        n("ArgMax", ["sam_onnx_score"], ["sam_onnx_best"], axis=1, keepdims=0),
+        *(n("Gather", [inner, "sam_onnx_best"], [name], axis=1) for name, inner in _ALL.items()),
+    ])
+    del g.output[:]
+    g.output.extend(helper.make_tensor_value_info(t.name, TensorProto.FLOAT, list(t.shape))
+                    for t in DECODER_OFFICIAL_SINGLE.outputs)
+    return ["added segment-anything's select_masks: one mask a prompt"]
+
+
+def _unselect(model: onnx.ModelProto) -> List[str]:
+    """Undo to_single: the four masks it chose among become the outputs again."""
+    g = model.graph
+    if not any(_ALL["masks"] in node.output for node in g.node):
+        raise SamOnnxError("this decoder chose its mask inside the graph without keeping the "
+                           "other three: export it again with --decoder-contract official")
+    del g.output[:]
+    g.output.extend(helper.make_tensor_value_info(inner, TensorProto.FLOAT, list(t.shape))
+                    for t, inner in zip(DECODER_OFFICIAL.outputs, _ALL.values()))
+    _prune(g)
+    for name, inner in _ALL.items():
+        _rename_everywhere(g, inner, name)
+    return ["removed the single-mask selection: all four masks returned"]
 
 
 def to_lowres(model: onnx.ModelProto) -> List[str]:
@@ -174,6 +288,7 @@ def to_lowres(model: onnx.ModelProto) -> List[str]:
     kept = [v for v in g.input if v.name in DECODER_LOWRES.input_names]
     del g.input[:]
     g.input.extend(kept)
+    _rename_everywhere(g, "has_mask_input", _HAS_MASK)
     n = helper.make_node
     g.initializer.extend([helper.make_tensor("sam_onnx_zero", TensorProto.FLOAT, [], [0.0]),
                           helper.make_tensor("orig_im_size", TensorProto.FLOAT, [2],
@@ -183,7 +298,7 @@ def to_lowres(model: onnx.ModelProto) -> List[str]:
         n("ReduceMax", ["sam_onnx_abs"], ["sam_onnx_max"], keepdims=0),
         n("Greater", ["sam_onnx_max", "sam_onnx_zero"], ["sam_onnx_any"]),
         n("Cast", ["sam_onnx_any"], ["sam_onnx_any_f"], to=TensorProto.FLOAT),
-        n("Unsqueeze", ["sam_onnx_any_f", "sam_onnx_axis0"], ["has_mask_input"]),
+        n("Unsqueeze", ["sam_onnx_any_f", "sam_onnx_axis0"], [_HAS_MASK]),
     ]
     g.initializer.append(helper.make_tensor("sam_onnx_axis0", TensorProto.INT64, [1], [0]))
     for node in reversed(prologue):
@@ -191,6 +306,10 @@ def to_lowres(model: onnx.ModelProto) -> List[str]:
     _keep_outputs(g, DECODER_LOWRES.output_names)
     return ["has_mask_input computed from mask_input; orig_im_size fixed at 1024x1024",
             "dropped the masks output and its upscaling"]
+
+
+#: What to_lowres computes has_mask_input with (to_official removes it again).
+_LOWRES_PROLOGUE = ("sam_onnx_abs", "sam_onnx_max", "sam_onnx_any", "sam_onnx_any_f", _HAS_MASK)
 
 
 def to_batched(model: onnx.ModelProto) -> List[str]:
@@ -336,6 +455,8 @@ class Pass:
     precision: str
     doc: str
     selects: Optional[str] = None
+    #: Outputs the pass means to change (a wrong crop made right): not compared.
+    recomputes: Tuple[str, ...] = ()
 
     def wanted(self, value) -> bool:
         if self.selects is not None:
@@ -366,7 +487,8 @@ def _fp16(model: onnx.ModelProto, _):
 
 
 #: Decoder contract -> the edit that converts a decoder to it.
-CONTRACT_CONVERSIONS = {"official": to_official, "lowres": to_lowres, "batched": to_batched}
+CONTRACT_CONVERSIONS = {"official": to_official, "official_single": to_single,
+                        "lowres": to_lowres, "batched": to_batched}
 
 #: Every repair pass, in the order ``repair`` applies the ones asked for.
 PASSES: Dict[str, Pass] = {p.name: p for p in (
@@ -377,6 +499,9 @@ PASSES: Dict[str, Pass] = {p.name: p for p in (
          "rename inputs/outputs (compared by their new names)"),
     Pass("dynamic_points", "dynamic_points", _in_place(dynamic_points, with_value=False),
          "fp32", "make the point (and a fixed prompt) axis symbolic"),
+    Pass("fix_crop", "fix_crop", _in_place(fix_crop, with_value=False), "fp32",
+         "recompute masks from low_res_masks: a crop frozen at export follows orig_im_size",
+         recomputes=("masks",)),
     *(Pass(f"to_{name}", "contract", _in_place(convert, with_value=False), "fp32",
            f"convert a decoder to the {name} contract (the outputs both have are compared)",
            selects=name) for name, convert in CONTRACT_CONVERSIONS.items()),

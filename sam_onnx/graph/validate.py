@@ -62,6 +62,7 @@ PAIR_OK = Rule("SAM035", "pair-fits", "info")
 # Running
 RUN_FAILED = Rule("SAM040", "run-failed", "error")
 NON_FINITE = Rule("SAM041", "non-finite-output", "error")
+FROZEN_CROP = Rule("SAM042", "frozen-crop", "error")
 
 RULES = {r.code: r for r in globals().values() if isinstance(r, Rule)}
 #: Findings after which the file could not be read at all (the CLI exits 2).

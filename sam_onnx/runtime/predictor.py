@@ -211,8 +211,10 @@ class SamOnnxPredictor:
         self.family = graph_family(self._decoder_graph, self.decoder_contract)
         self._low_res_size = self.family.postprocess.low_res_size
         self._outputs = read_outputs(self.decoder_contract, self._low_res_size)
-        #: The graph picks the masks itself (HQ-SAM's decoders take multimask_output).
-        self._graph_selects = "multimask_output" in self.decoder_contract.input_names
+        #: The graph picks the masks itself: HQ-SAM's decoders take multimask_output; an
+        #: official_single decoder returns the one mask segment-anything's select_masks picks.
+        self._graph_selects = "multimask_output" in self.decoder_contract.input_names or \
+            bool(self.decoder_contract.selects)
         #: The decoder's inputs by the names the predictor builds them under (another tool's
         #: names, e.g. ONNX Runtime's input_masks, mapped onto the family's, mask_input).
         self.inputs = {self.family.aliases.get(n, n): n
@@ -234,8 +236,12 @@ class SamOnnxPredictor:
         self._no_mask = {self.inputs[name]: value for name, value in
                          _mask_prompt(None, self._low_res_size).items() if name in self.inputs}
         self._mask_decoder: Optional[Session] = None
+        #: The encoder's contract: it takes the pre-processed tensor, or the resized image
+        #: itself (``preprocess_inside``: AnyLabeling's form).
+        self.encoder_contract = None if encoder is None else graph_contract(encoder_graph,
+                                                                            str(encoder))
         if encoder is not None:
-            if graph_contract(encoder_graph, str(encoder)).role != "encoder":
+            if self.encoder_contract.role != "encoder":
                 raise SamOnnxError(f"{encoder} is not an image encoder")
             _require_pair(encoder_graph, self._decoder_graph, (str(encoder), str(decoder)))
         # The encoder's session is built on another thread while this one makes the
@@ -258,7 +264,11 @@ class SamOnnxPredictor:
         if self.encoder is None:
             raise SamOnnxError("this predictor has no encoder; load_embedding() instead")
         rgb = load_image(image, image_format)
-        x, self.input_size = transforms.image_to_input(rgb, self.family.preprocess)
+        if self.encoder_contract.preprocess_inside:
+            x = transforms.resize_image(rgb, self.family.preprocess)
+            self.input_size = x.shape[:2]
+        else:
+            x, self.input_size = transforms.image_to_input(rgb, self.family.preprocess)
         self.original_size = rgb.shape[:2]
         outputs = self.encoder.run(None, {self.encoder.input_names[0]: x},
                                    release_memory=self.release_memory or
@@ -318,7 +328,9 @@ class SamOnnxPredictor:
         low-res logits Cx256x256).
 
         ``hq_token_only``: as HQ-SAM's SamPredictor (HQ decoders only), whose decoders return
-        one mask: SAM's chosen one plus the HQ mask, or the HQ mask alone.
+        one mask: SAM's chosen one plus the HQ mask, or the HQ mask alone. A single-mask
+        decoder (``official_single``) returns the mask its graph picks, whatever
+        ``multimask_output`` says.
         ``normalize_coords``: as SAM2ImagePredictor's; False when the points and box are
         already relative to the image's width and height (0..1)."""
         self._require_image()

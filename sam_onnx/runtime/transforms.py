@@ -37,24 +37,29 @@ def apply_coords(coords: np.ndarray, original_size: Tuple[int, int],
     return coords
 
 
-def image_to_input(image: np.ndarray, pre: Preprocess) -> Tuple[np.ndarray, Tuple[int, int]]:
-    """HxWx3 uint8 -> the encoder's 1x3xSxS float32 (S: ``pre.image_size``), and the resized
-    (h, w).
+def resize_image(image: np.ndarray, pre: Preprocess) -> np.ndarray:
+    """HxWx3 uint8 -> the resized image, float32 0-255, before normalization and padding.
 
     The resize is PIL's bilinear: on the uint8 image for SAM, as segment_anything's
     (torchvision on a PIL image); on each channel as float for SAM 2, whose SAM2Transforms
     resize the float tensor with antialiasing, the filter PIL's is (no rounding to uint8)."""
     h, w = image.shape[:2]
-    size = pre.image_size
     new_h, new_w = input_shape(h, w, pre)
     if pre.resize == "square":
-        resized = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32))
-                                       .resize((new_w, new_h), Image.BILINEAR))
-                            for c in range(3)], axis=-1)
-    else:
-        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR))
-    x = (resized.astype(np.float32) - np.float32(pre.pixel_mean)) / np.float32(pre.pixel_std)
-    out = np.zeros((1, 3, size, size), np.float32)
+        return np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32))
+                                    .resize((new_w, new_h), Image.BILINEAR))
+                         for c in range(3)], axis=-1)
+    return np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.BILINEAR),
+                      dtype=np.float32)
+
+
+def image_to_input(image: np.ndarray, pre: Preprocess) -> Tuple[np.ndarray, Tuple[int, int]]:
+    """HxWx3 uint8 -> the encoder's 1x3xSxS float32 (S: ``pre.image_size``): resized
+    (``resize_image``), normalized, zero-padded; and the resized (h, w)."""
+    resized = resize_image(image, pre)
+    new_h, new_w = resized.shape[:2]
+    x = (resized - np.float32(pre.pixel_mean)) / np.float32(pre.pixel_std)
+    out = np.zeros((1, 3, pre.image_size, pre.image_size), np.float32)
     out[0, :, :new_h, :new_w] = x.transpose(2, 0, 1)
     return out, (new_h, new_w)
 

@@ -11,7 +11,7 @@ import difflib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 import onnx
@@ -30,7 +30,7 @@ from ..graph.findings import Report
 from ..graph.io import PROTOBUF_LIMIT
 from ..runtime import sessions
 from ..runtime.sessions import SessionConfig
-from .validate import synthesize, validate
+from .validate import frozen_crop, synthesize, validate
 
 
 @dataclass
@@ -46,8 +46,8 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
            dynamic_points: bool = False, drop_initializer_inputs: bool = False,
            ir_version: Optional[int] = None, opset: Optional[int] = None,
            external_data: Optional[bool] = None, simplify: bool = False, fp16: bool = False,
-           contract: Optional[str] = None, auto_feed: Optional[str] = None,
-           in_place: bool = False) -> RepairResult:
+           contract: Optional[str] = None, fix_crop: bool = False,
+           auto_feed: Optional[str] = None, in_place: bool = False) -> RepairResult:
     """Repair ``src`` into ``dst``; see the module docstring. ``auto_feed`` picks the passes
     that make the graph take that contract's feed."""
     src, dst = _paths(src, dst, in_place)
@@ -58,9 +58,12 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
     model = onnx.load(str(src))  # with its weights: passes may rewrite them
     options = dict(rename=rename or {}, dynamic_points=dynamic_points,
                    drop_initializer_inputs=drop_initializer_inputs, ir_version=ir_version,
-                   opset=opset, simplify=simplify, fp16=fp16, contract=contract)
+                   opset=opset, simplify=simplify, fp16=fp16, contract=contract,
+                   fix_crop=fix_crop)
     if auto_feed:
         options = _with_plan(options, _auto_plan(model, auto_feed))
+        if frozen_crop(src, original) is not None:
+            options["fix_crop"] = True
     model, changes, applied = passes.apply(model, options)
     keep_external = _external_data(model, src, dst, external_data, changes)
     if not changes:
@@ -68,8 +71,9 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
                            "--auto --feed CONTRACT")
     _restamp(model, changes)
     precision = "fp16" if any(p.precision == "fp16" for p in applied) else "fp32"
+    recomputed = {name for p in applied for name in p.recomputes}
     result = _write_checked(model, src, original, dst, keep_external, auto_feed, changes,
-                            options["rename"], precision, in_place)
+                            options["rename"], precision, recomputed, in_place)
     result.report = Report([f.__class__(**{**f.to_dict(), "model": str(dst)})
                             for f in result.report.findings])
     return result
@@ -108,7 +112,7 @@ def _external_data(model: onnx.ModelProto, src: Path, dst: Path,
 
 def _write_checked(model, src: Path, original, dst: Path, keep_external: bool,
                    auto_feed: Optional[str], changes: List[str], renames: Dict[str, str],
-                   precision: str, in_place: bool) -> RepairResult:
+                   precision: str, recomputed: Set[str], in_place: bool) -> RepairResult:
     """Stage the result, validate and run it, compare it with the original, then publish it
     (the input backed up first when it is replaced)."""
     with Staging(dst.parent) as staging:
@@ -124,7 +128,7 @@ def _write_checked(model, src: Path, original, dst: Path, keep_external: bool,
             first = result.report.errors[0]
             raise SamOnnxError(f"the repaired graph still fails {first.code} {first.name}: "
                                f"{first.message}; nothing was written")
-        result.parity = _compare(src, original, staged, renames, precision)
+        result.parity = _compare(src, original, staged, renames, precision, recomputed)
         if result.parity is None:
             changes.append("outputs not compared: this ONNX Runtime cannot run the original")
         elif not result.parity.passed:
@@ -230,9 +234,19 @@ def _points_fixed(model: onnx.ModelProto, renames: Dict[str, str]) -> bool:
     return False
 
 
+def _selected(outputs: Dict[str, np.ndarray], num_points: int) -> Dict[str, np.ndarray]:
+    """segment-anything's select_masks on a four-mask decoder's outputs (see
+    families.sam.contracts.SELECT_MASKS)."""
+    score = outputs["iou_predictions"][0].astype(np.float64)
+    score[0] += (num_points - 2.5) * 1000
+    best = int(np.argmax(score))
+    return {k: v[:, best:best + 1] for k, v in outputs.items()}
+
+
 def _compare(src: Path, original: onnx.ModelProto, repaired: Path, renames: Dict[str, str],
-             precision: str) -> Optional[ParityReport]:
-    """Run both graphs on one feed and compare the outputs they share (by renamed name)."""
+             precision: str, recomputed: Set[str]) -> Optional[ParityReport]:
+    """Run both graphs on one feed and compare the outputs they share (by renamed name),
+    less those a pass ``recomputed`` on purpose."""
     base = synthesize(original, None)
     new_model = onnx.load(str(repaired), load_external_data=False)
     arrays = {renames.get(k, k): v for k, v in base.items()}
@@ -250,7 +264,15 @@ def _compare(src: Path, original: onnx.ModelProto, repaired: Path, renames: Dict
     new = sessions.create(repaired, cpu)
     old_out = {renames.get(n, n): v for n, v in zip(old.output_names, old.run(None, base))}
     new_out = dict(zip(new.output_names, new.run(None, feed_new)))
-    shared = {k: v for k, v in old_out.items() if k in new_out}
+    shared = {k: v for k, v in old_out.items() if k in new_out and k not in recomputed}
+    if "iou_predictions" in shared and \
+            shared["iou_predictions"].shape != new_out["iou_predictions"].shape:
+        # four masks against one: the one must be the mask select_masks picks of the four
+        n = arrays["point_coords"].shape[1]
+        if shared["iou_predictions"].shape[1] > 1:
+            shared = _selected(shared, n)
+        else:
+            new_out = _selected(new_out, n)
     contract = CONTRACTS.get(metadata.read(original).get("contract", ""), CONTRACTS["official"])
     tolerance = contract.tolerances.get(precision, contract.tolerances["fp32"])
     return parity_report(repaired.name, precision, tolerance, {"synthesized": (new_out, shared)})

@@ -3,16 +3,19 @@ ONNX Runtime error mapped to a rule, and a look at the outputs for NaN/Inf."""
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
 import onnx
 
+from ..families.sam.contracts import IMAGE_SIZE
 from ..graph import feeds as feeds_
 from ..graph import metadata, signature
 from ..graph import validate as validator
 from ..graph.findings import Report
+from ..runtime import transforms
 from ..runtime.sessions import SessionConfig, create
 
 #: ONNX Runtime's messages and the rule each belongs to.
@@ -55,7 +58,60 @@ def validate(model: validator.ModelSource, feed: Optional[feeds_.FeedSource] = N
         entries = None if feed is None else feeds_.load(
             feed, metadata.read(proto).get("model_dims"))
         report.extend(run_once(source, proto, entries, name))
+        if report.ok:
+            crop = frozen_crop(source, proto)
+            if crop is not None:
+                report.add(validator.FROZEN_CROP.finding(
+                    "output:masks", crop, f"sam-onnx repair {_quoted(name)} -o "
+                    f"{_quoted(fixed_name(name))} --auto --feed official", model=name))
     return report
+
+
+def _quoted(path: str) -> str:
+    return shlex.quote(str(path))
+
+
+def fixed_name(path: str, what: str = "fixed") -> str:
+    """Where a suggested repair writes: beside the graph, ``NAME.fixed.onnx``."""
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}.{what}{p.suffix}"))
+
+
+#: The image sizes the crop is checked at: one landscape and one portrait, neither the
+#: 1500x2250 segment-anything's script exports with nor its transpose (a 2:3 landscape
+#: shares that crop by chance).
+CROP_CHECK_SIZES = ((600, 1400), (1400, 800))
+
+
+def frozen_crop(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto) -> Optional[str]:
+    """Whether an official-form decoder's masks are cropped at a size frozen when it was
+    exported: its ``masks`` are compared with its own ``low_res_masks`` upscaled, cropped and
+    resized as segment-anything's postprocess_masks does, at a landscape and a portrait size.
+    What differs, in words, or None (also for graphs without that form)."""
+    inputs = {t.name for t in signature.graph_inputs(model)}
+    outputs = [o.name for o in model.graph.output]
+    if "orig_im_size" not in inputs or not {"masks", "low_res_masks"} <= set(outputs):
+        return None
+    arrays = synthesize(model, None)
+    data = source if isinstance(source, Path) else source.SerializeToString()
+    session = create(data, SessionConfig(providers=("cpu",)))
+    wrong = []
+    for h, w in CROP_CHECK_SIZES:
+        arrays["orig_im_size"] = np.array([h, w], np.float32)
+        got = dict(zip(session.output_names, session.run(None, arrays)))
+        want = transforms.postprocess_masks(
+            got["low_res_masks"], transforms.preprocess_shape(h, w, IMAGE_SIZE), (h, w),
+            IMAGE_SIZE)
+        if got["masks"].shape != want.shape or not np.allclose(
+                got["masks"], want, atol=1e-3 + 1e-3 * float(np.abs(want).max())):
+            wrong.append(f"{h}x{w}")
+    if not wrong:
+        return None
+    checked = ", ".join(f"{h}x{w}" for h, w in CROP_CHECK_SIZES)
+    return (f"masks are cropped at a size frozen when the graph was exported (wrong at "
+            f"{' and '.join(wrong)}; checked at {checked}): segment-anything 1.0's export "
+            "traces its crop as a constant, so masks are "
+            "right only at the export's aspect ratio")
 
 
 def run_once(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto,

@@ -39,6 +39,7 @@ MOBILE_SAM = Family(
     checkpoints={"vit_t": "mobile_sam.pt"},
     checkpoint_url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/",
     contracts=CONTRACTS,
+    encoder_forms={"image": "encoder_image"},
     preprocess=PREPROCESS,
     postprocess=POSTPROCESS,
     keys=KEYS,

@@ -68,6 +68,7 @@ SAM = Family(
     checkpoint_url="https://dl.fbaipublicfiles.com/segment_anything/",
     checkpoint_md5=CHECKPOINT_MD5,
     contracts=CONTRACTS,
+    encoder_forms={"image": "encoder_image"},
     preprocess=PREPROCESS,
     postprocess=POSTPROCESS,
     keys=KEYS,

@@ -100,6 +100,31 @@ DECODER_OFFICIAL = GraphContract(
     tolerances=_DECODER_TOLERANCES,
 )
 
+#: segment-anything's ``select_masks``: with N points (the padding point counted), the score
+#: of the single-mask token is raised by (N - 2.5) * 1000 and the best score wins: the
+#: single-mask token for 3 points or more, else the best of the three multimask outputs.
+SELECT_MASKS = "select_masks"
+
+DECODER_OFFICIAL_SINGLE = GraphContract(
+    name="official_single",
+    role="decoder",
+    doc="segment-anything's ONNX decoder exported with return_single_mask=True (its script's "
+    "--return-single-mask): one mask a prompt, chosen in the graph by segment-anything's "
+    "select_masks rule (the single-mask token for three or more points, the padding point "
+    "counted; else the best-scored of the three multimask outputs). The form the ONNX "
+    "notebook, the web demo, samexporter's documented flow and AnyLabeling run.",
+    inputs=DECODER_OFFICIAL.inputs,
+    outputs=(
+        TensorSpec("masks", _FP32, (1, 1, "image_height", "image_width"),
+                   "the chosen mask's logits at the original image size; threshold at 0"),
+        TensorSpec("iou_predictions", _FP32, (1, 1), "the chosen mask's predicted IoU"),
+        TensorSpec("low_res_masks", _FP32, (1, 1, _M, _M),
+                   "the chosen mask's logits at 256x256: the next prompt's mask_input"),
+    ),
+    tolerances=_DECODER_TOLERANCES,
+    selects=SELECT_MASKS,
+)
+
 DECODER_LOWRES = GraphContract(
     name="lowres",
     role="decoder",
@@ -140,7 +165,29 @@ DECODER_BATCHED = GraphContract(
     tolerances=DECODER_OFFICIAL.tolerances,
 )
 
-#: By name; the encoder first, then the decoders.
+ENCODER_IMAGE = GraphContract(
+    name="encoder_image",
+    role="encoder",
+    doc="The image encoder with SAM's pre-processing inside the graph: it takes the image "
+    "itself, resized so its longest side is 1024 (RGB, 0-255, float32, height x width x 3), "
+    "and normalizes, transposes and pads it. The form AnyLabeling and X-AnyLabeling feed "
+    "(samexporter's --use-preprocess).",
+    inputs=(
+        TensorSpec("input_image", _FP32, ("image_height", "image_width", 3),
+                   "RGB 0-255, resized so its longest side is 1024 (neither side over 1024), "
+                   "not normalized, not padded"),
+    ),
+    outputs=(_IMAGE_EMBEDDINGS,),
+    tolerances=ENCODER.tolerances,
+    preprocess_inside=True,
+)
+
+#: By name; the encoders first, then the decoders.
 CONTRACTS: Dict[str, GraphContract] = {
-    c.name: c for c in (ENCODER, DECODER_OFFICIAL, DECODER_LOWRES, DECODER_BATCHED)
+    c.name: c for c in (ENCODER, ENCODER_IMAGE, DECODER_OFFICIAL, DECODER_OFFICIAL_SINGLE,
+                        DECODER_LOWRES, DECODER_BATCHED)
 }
+
+#: The decoder contracts ``repair --contract`` converts a decoder to
+#: (graph.passes.CONTRACT_CONVERSIONS).
+CONVERTIBLE = ("official", "official_single", "lowres", "batched")

@@ -148,6 +148,24 @@ class OfficialDecoder(_FastSamOnnxModel):
         return upscale(masks, orig_im_size)
 
 
+class OfficialSingleDecoder(OfficialDecoder):
+    """The ``official_single`` contract: segment-anything's decoder with
+    ``return_single_mask=True``, its own ``select_masks`` choosing the mask before it is
+    upscaled (one mask upscaled, not four)."""
+
+    def __init__(self, sam) -> None:
+        super().__init__(sam)
+        self.return_single_mask = True
+
+    @torch.no_grad()
+    def forward(self, image_embeddings, point_coords, point_labels, mask_input, has_mask_input,
+                orig_im_size):
+        masks, scores = self._predict(image_embeddings, point_coords, point_labels, mask_input,
+                                      has_mask_input)
+        masks, scores = self.select_masks(masks, scores, point_coords.shape[1])
+        return self.mask_postprocessing(masks, orig_im_size), scores, masks
+
+
 def upscale(masks: torch.Tensor, orig_im_size: torch.Tensor) -> torch.Tensor:
     """Low-res logits to the original image size, for every image size (see OfficialDecoder)."""
     masks = F.interpolate(masks, size=(IMAGE_SIZE, IMAGE_SIZE), mode="bilinear",
@@ -172,7 +190,8 @@ class LowResDecoder(_FastSamOnnxModel):
                              has_mask_input)
 
 
-DECODERS = {"official": OfficialDecoder, "lowres": LowResDecoder, "batched": BatchedDecoder}
+DECODERS = {"official": OfficialDecoder, "official_single": OfficialSingleDecoder,
+            "lowres": LowResDecoder, "batched": BatchedDecoder}
 
 
 def decoder_module(contract_name: str, sam) -> torch.nn.Module:

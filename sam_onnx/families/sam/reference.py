@@ -11,6 +11,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from segment_anything.utils.onnx import SamOnnxModel
 from segment_anything.utils.transforms import ResizeLongestSide
 
 from ...core.contracts import EVERY_PROMPT, GraphContract
@@ -142,6 +143,10 @@ def decoder_reference(sam, contract: GraphContract, encoded: Arrays, prompt: Pro
         sparse_prompt_embeddings=sparse,
         dense_prompt_embeddings=dense,
     )
+    if contract.selects:  # segment-anything's own select_masks picks the one mask
+        num_points = decoder_feed(contract, encoded, prompt)["point_coords"].shape[1]
+        low_res, iou = SamOnnxModel(sam, return_single_mask=True).select_masks(
+            low_res, iou, num_points)
     input_size = transform.get_preprocess_shape(*prompt.image_size, IMAGE_SIZE)
     masks = sam.postprocess_masks(low_res, input_size, prompt.image_size)
     values = {"masks": masks, "iou_predictions": iou, "low_res_masks": low_res}

@@ -1,0 +1,222 @@
+"""Graphs for the clients people already run, and other exporters' graphs (#15): the
+single-mask decoder, the image-input encoder, segment-anything's own export (its frozen crop),
+and every fix validate prints, run as printed."""
+import shlex
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+from segment_anything import SamPredictor
+
+import sam_onnx
+from sam_onnx.exporter.checkpoints import build, load_state_dict
+from sam_onnx.graph import metadata
+from sam_onnx.runtime.images import synthetic
+from sam_onnx.runtime.predictor import SamOnnxPredictor
+
+IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
+
+#: segment-anything's scripts/export_onnx_model.py, its export as written (the script is not in
+#: the wheel): its own SamOnnxModel, dummy inputs (orig_im_size 1500x2250), names, dynamic axes,
+#: opset 17, the TorchScript exporter. argv: checkpoint, output, "single" or "four".
+OFFICIAL_SCRIPT = """
+import sys, warnings
+import torch
+from segment_anything.utils.onnx import SamOnnxModel
+from sam_onnx.exporter.checkpoints import build, load_state_dict
+sam = build("tiny", load_state_dict(sys.argv[1]))
+onnx_model = SamOnnxModel(sam, return_single_mask=sys.argv[3] == "single")
+embed_dim = sam.prompt_encoder.embed_dim
+embed_size = sam.prompt_encoder.image_embedding_size
+mask_input_size = [4 * x for x in embed_size]
+dummy_inputs = {
+    "image_embeddings": torch.randn(1, embed_dim, *embed_size, dtype=torch.float),
+    "point_coords": torch.randint(low=0, high=1024, size=(1, 5, 2), dtype=torch.float),
+    "point_labels": torch.randint(low=0, high=4, size=(1, 5), dtype=torch.float),
+    "mask_input": torch.randn(1, 1, *mask_input_size, dtype=torch.float),
+    "has_mask_input": torch.tensor([1], dtype=torch.float),
+    "orig_im_size": torch.tensor([1500, 2250], dtype=torch.float),
+}
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    torch.onnx.export(onnx_model, tuple(dummy_inputs.values()), sys.argv[2], export_params=True,
+                      verbose=False, opset_version=17, do_constant_folding=True,
+                      input_names=list(dummy_inputs.keys()),
+                      output_names=["masks", "iou_predictions", "low_res_masks"],
+                      dynamic_axes={"point_coords": {1: "num_points"},
+                                    "point_labels": {1: "num_points"}}, dynamo=False)
+"""
+
+
+@pytest.fixture(scope="module")
+def official_script(tiny_checkpoint, tmp_path_factory):
+    """segment-anything's default and --return-single-mask exports of the tiny model."""
+    out = tmp_path_factory.mktemp("official_script")
+    paths = {}
+    for kind in ("four", "single"):
+        paths[kind] = out / f"sam_onnx_{kind}.onnx"
+        proc = subprocess.run([sys.executable, "-c", OFFICIAL_SCRIPT, str(tiny_checkpoint),
+                               str(paths[kind]), kind], capture_output=True, text=True,
+                              timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return paths
+
+
+@pytest.fixture(scope="module")
+def client_export(tiny_checkpoint, tmp_path_factory):
+    """sam-onnx's files for AnyLabeling and the notebook: the image-input encoder and the
+    single-mask decoder, through the command line."""
+    out = tmp_path_factory.mktemp("client_export")
+    proc = run_cli("export", "--model", "tiny", "--checkpoint", tiny_checkpoint, "--out", out,
+                   "--encoder-contract", "image", "--return-single-mask")
+    assert proc.returncode == 0, proc.stderr
+    return {"encoder": out / "tiny_encoder_image.onnx",
+            "decoder": out / "tiny_decoder_official_single.onnx",
+            "sam": build("tiny", load_state_dict(tiny_checkpoint))}
+
+
+def _images():
+    out = [("synthetic landscape", synthetic(300, 500)),
+           ("synthetic portrait", synthetic(500, 300))]
+    if (IMAGES / "truck.jpg").exists():
+        truck = np.asarray(Image.open(IMAGES / "truck.jpg").convert("RGB"))
+        out += [("truck", truck), ("truck portrait", np.ascontiguousarray(truck.swapaxes(0, 1)))]
+    return out
+
+
+def test_the_official_scripts_exports_are_recognised(official_script):
+    for kind, contract in (("four", "official"), ("single", "official_single")):
+        report = sam_onnx.validate(official_script[kind], feed="official")
+        assert report.ok, report.to_text()
+        assert f"matches the {contract} contract" in report.to_text()
+
+
+def _fix_command(report, code):
+    (finding,) = [f for f in report.findings if f.code == code]
+    args = shlex.split(finding.fix)
+    assert args[0] == "sam-onnx", finding.fix
+    return args[1:]
+
+
+@pytest.mark.parametrize("kind", ["four", "single"])
+def test_a_frozen_crop_is_found_and_the_printed_fix_makes_masks_right_at_every_size(
+        official_script, client_export, kind, tmp_path):
+    """segment-anything 1.0's export crops at 1500x2250's aspect ratio; validate --run says
+    so with a fix, and the fix, run as printed, gives segment_anything's own masks at a
+    portrait and a landscape size."""
+    graph = tmp_path / official_script[kind].name
+    graph.write_bytes(official_script[kind].read_bytes())
+    report = sam_onnx.validate(graph, run=True)
+    assert "SAM042" in report.codes() and not report.ok
+    proc = run_cli(*_fix_command(report, "SAM042"))
+    assert proc.returncode == 0, proc.stderr
+    fixed = tmp_path / f"{graph.stem}.fixed.onnx"
+    assert sam_onnx.validate(fixed, feed="official", run=True).ok
+    sam = client_export["sam"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(fixed), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    for size in ((1800, 1200), (600, 1400)):
+        feed = {"image_embeddings": rng.standard_normal((1, 256, 64, 64)).astype(np.float32),
+                "point_coords": np.array([[[400.0, 300.0], [0.0, 0.0]]], np.float32),
+                "point_labels": np.array([[1.0, -1.0]], np.float32),
+                "mask_input": np.zeros((1, 1, 256, 256), np.float32),
+                "has_mask_input": np.zeros(1, np.float32),
+                "orig_im_size": np.array(size, np.float32)}
+        masks, _, low_res = session.run(None, feed)
+        h, w = size
+        scale = 1024 / max(h, w)
+        input_size = (int(h * scale + 0.5), int(w * scale + 0.5))
+        with torch.inference_mode():
+            want = sam.postprocess_masks(torch.from_numpy(low_res), input_size, size).numpy()
+        np.testing.assert_allclose(masks, want, atol=1e-4)
+
+
+def test_image_encoder_matches_sam_predictors_embedding_in_both_orientations(client_export):
+    predictor = SamOnnxPredictor(client_export["encoder"], client_export["decoder"])
+    reference = SamPredictor(client_export["sam"])
+    for name, image in _images():
+        predictor.set_image(image)
+        reference.set_image(image)
+        np.testing.assert_allclose(predictor.features, reference.features.numpy(), atol=1e-4,
+                                   err_msg=name)
+    record = metadata.read(onnx.load(str(client_export["encoder"]), load_external_data=False))
+    assert record["contract"] == "encoder_image"
+    assert record["contract_spec"]["preprocess_inside"] is True
+
+
+def test_single_mask_decoder_returns_segment_anythings_choice(client_export):
+    """One click and the padding point: the best of the three multimask outputs; two clicks
+    and the padding point: the single-mask token (select_masks)."""
+    predictor = SamOnnxPredictor(client_export["encoder"], client_export["decoder"])
+    reference = SamPredictor(client_export["sam"])
+    image = synthetic(400, 600)
+    predictor.set_image(image)
+    reference.set_image(image)
+    for coords, labels, multimask in (([[300, 200]], [1], True),
+                                      ([[300, 200], [100, 50]], [1, 0], False)):
+        coords, labels = np.array(coords, float), np.array(labels)
+        masks, scores, low_res = predictor.predict(coords, labels)
+        want_masks, want_scores, want_low = reference.predict(coords, labels,
+                                                              multimask_output=multimask)
+        best = int(np.argmax(want_scores)) if multimask else 0
+        assert masks.shape == (1, 400, 600) and low_res.shape == (1, 256, 256)
+        np.testing.assert_allclose(scores, want_scores[best:best + 1], atol=1e-4)
+        np.testing.assert_allclose(low_res, want_low[best:best + 1], atol=1e-4)
+        # the low-res logits go back in as the next mask prompt (the notebook's refinement)
+        refined, _, _ = predictor.predict(coords, labels, mask_input=low_res)
+        assert refined.shape == (1, 400, 600)
+
+
+def test_the_automatic_mask_generator_runs_a_single_mask_decoder(client_export):
+    generator = sam_onnx.SamOnnxAutomaticMaskGenerator(
+        SamOnnxPredictor(client_export["encoder"], client_export["decoder"]),
+        points_per_side=4, pred_iou_thresh=-1.0, stability_score_thresh=0.0)
+    records = generator.generate(synthetic(200, 300))
+    assert records and all(r["segmentation"].shape == (200, 300) for r in records)
+    assert len(records) <= 16  # one mask a point at most
+
+
+def test_samexporters_preprocessing_encoder_is_recognised_and_run(client_export, tmp_path):
+    """samexporter 0.5.0's ImageEncoderOnnxModel(use_preprocess=True), exported as its
+    export_encoder does (the input_image HxWx3 form AnyLabeling feeds), from its wheel."""
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                          str(tmp_path), "samexporter==0.5.0"], capture_output=True, text=True,
+                         timeout=300)
+    if got.returncode != 0:
+        pytest.skip(f"samexporter's wheel is not reachable: {got.stderr.strip()[-200:]}")
+    (wheel,) = tmp_path.glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "code")
+    encoder = tmp_path / "samexporter_encoder.onnx"
+    script = (
+        "import sys, torch\n"
+        "from samexporter.onnx_utils import ImageEncoderOnnxModel\n"
+        "from sam_onnx.exporter.checkpoints import build, load_state_dict\n"
+        "sam = build('tiny', torch.load(sys.argv[1]))\n"
+        "model = ImageEncoderOnnxModel(model=sam, use_preprocess=True,\n"
+        "    pixel_mean=[123.675, 116.28, 103.53], pixel_std=[58.395, 57.12, 57.375])\n"
+        "torch.onnx.utils.export(model, (torch.randn((1024, 1024, 3)),), sys.argv[2],\n"
+        "    export_params=True, opset_version=18, do_constant_folding=True,\n"
+        "    input_names=['input_image'], output_names=['image_embeddings'],\n"
+        "    dynamic_axes={'input_image': {0: 'image_height', 1: 'image_width'}})\n")
+    checkpoint = tmp_path / "tiny.pth"
+    torch.save(client_export["sam"].state_dict(), checkpoint)
+    proc = subprocess.run([sys.executable, "-c", script, str(checkpoint), str(encoder)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "code")})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "matches the encoder_image contract" in sam_onnx.validate(encoder).to_text()
+    ours = SamOnnxPredictor(client_export["encoder"], client_export["decoder"])
+    theirs = SamOnnxPredictor(encoder, client_export["decoder"])
+    image = synthetic(500, 300)
+    ours.set_image(image)
+    theirs.set_image(image)
+    np.testing.assert_allclose(theirs.features, ours.features, atol=1e-4)
