@@ -249,16 +249,20 @@ print("ok without torch")
     assert "ok without torch" in proc.stdout
 
 
-def test_a_decoder_following_no_contract_is_refused_with_the_fix(models, tmp_path):
+@pytest.mark.parametrize("name, fix", [
+    ("orig_im_sizes", r"repair \S*odd.onnx -o \S*odd.official.onnx --auto --feed official"),
+    ("image_size", r"run sam-onnx validate \S*odd.onnx$"),  # no repair makes that name out
+])
+def test_a_decoder_following_no_contract_is_refused_with_the_fix(models, tmp_path, name, fix):
     import onnx
 
     model = onnx.load(str(models["official"]))
-    model.graph.input[5].name = "image_size"
+    model.graph.input[5].name = name
     for node in model.graph.node:
-        node.input[:] = ["image_size" if i == "orig_im_size" else i for i in node.input]
+        node.input[:] = [name if i == "orig_im_size" else i for i in node.input]
     del model.metadata_props[:]
     onnx.save(model, str(tmp_path / "odd.onnx"))
-    with pytest.raises(SamOnnxError, match=r"nearest official.*repair --auto --feed official"):
+    with pytest.raises(SamOnnxError, match=r"nearest official.*" + fix):
         SamOnnxPredictor(models["encoder"], tmp_path / "odd.onnx")
 
 

@@ -289,3 +289,81 @@ def test_every_rule_is_documented():
     doc = (Path(__file__).resolve().parents[1] / "docs" / "validate-and-repair.md").read_text()
     for rule in validator.RULES.values():
         assert f"| `{rule.code}` | {rule.name} | {rule.severity} |" in doc
+
+
+def _initializers_as_inputs(model):
+    model.graph.input.extend(onnx.helper.make_tensor_value_info(
+        i.name, i.data_type, list(i.dims)) for i in list(model.graph.initializer)[:3])
+
+
+def _newer_ir(model):
+    model.ir_version = backend.runtime_limits()[0] + 1
+
+
+def _renamed_and_static(model):
+    for value in model.graph.input:
+        if value.name == "point_labels":
+            value.name = "point_label"
+    for node in model.graph.node:
+        node.input[:] = ["point_label" if i == "point_labels" else i for i in node.input]
+    static_points(3, ("point_coords", "point_label"))(model)
+
+
+#: (case, graph, how it is broken, the feed it is validated with): every fix validate prints
+#: for it that is a command is run as printed, and the result takes that feed.
+FIX_CASES = [
+    ("lowres fed the official feed", "lowres", None, "official"),
+    ("official fed the lowres feed", "official", None, "lowres"),
+    ("point axis fixed at 5", "official", static_points(5), "official"),
+    ("initializers listed as inputs", "official", _initializers_as_inputs, "official"),
+    ("IR version newer than the runtime's", "official", _newer_ir, "official"),
+    ("a renamed input and a fixed point axis", "official", _renamed_and_static, "official"),
+]
+
+
+@pytest.mark.parametrize("case, graph, change, feed", FIX_CASES, ids=[c[0] for c in FIX_CASES])
+def test_every_printed_fix_runs_as_printed_and_does_what_it_says(exported, tmp_path, case,
+                                                                 graph, change, feed):
+    import re
+    import shlex
+
+    path = tmp_path / "graph.onnx"
+    model = onnx.load(str(exported[graph]))
+    if change is not None:
+        change(model)
+    path.write_bytes(model.SerializeToString())
+    report = sam_onnx.validate(path, feed=feed)
+    commands = {(f.code, f.target, m.group(0).strip()) for f in report.findings
+                for m in re.finditer(r"sam-onnx repair [^;()]*", f.fix)}
+    assert commands, report.to_text()
+    for code, target, command in commands:
+        args = shlex.split(command)[1:]
+        assert str(path) in args and args[args.index("-o") + 1] != str(path)
+        proc = run_cli(*args)
+        assert proc.returncode == 0, f"{command}: {proc.stderr}"
+        out = Path(args[args.index("-o") + 1])
+        fixed = sam_onnx.validate(out, feed=feed, run=True)
+        # the finding the command was printed for is gone; --auto fixes everything
+        assert (code, target) not in {(f.code, f.target) for f in fixed.findings}, command
+        if "--auto" in args:
+            assert fixed.ok, f"{command}:\n{fixed.to_text()}"
+        out.unlink()
+
+
+def test_a_lowres_decoder_fed_the_official_feed_is_never_told_to_rename_mask_input(exported):
+    report = sam_onnx.validate(exported["lowres"], feed="official")
+    fixes = " ".join(f.fix for f in report.findings)
+    assert "mask_input=has_mask_input" not in fixes
+    assert "--auto --feed official" in fixes
+
+
+def test_fix_texts_for_the_encoders_name_the_form_that_takes_what_was_fed(exported):
+    image = np.zeros((683, 1024, 3), np.float32)
+    rank = next(f for f in sam_onnx.validate(exported["encoder"], feed={"image": image}).findings
+                if f.code == "SAM023")
+    assert "--encoder-contract image" in rank.fix and "reshape" not in rank.fix
+    arrays = feeds.example_arrays(DECODER_OFFICIAL)
+    arrays["mask_input"] = np.zeros((1, 4, 256, 256), np.float32)  # low_res_masks fed back
+    dim = next(f for f in sam_onnx.validate(exported["official"], feed=arrays).findings
+               if f.code == "SAM024")
+    assert "low_res_masks[:, i:i+1]" in dim.fix and "--return-single-mask" in dim.fix

@@ -7,6 +7,7 @@ are checked for presence and size, never loaded (``tools.validate`` runs the gra
 from __future__ import annotations
 
 import difflib
+import shlex
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -16,7 +17,7 @@ from ..backend import runtime_limits
 from ..core.errors import SamOnnxError
 from ..families import ALIASES, CONTRACTS, FAMILIES
 from . import feeds as feeds_
-from . import metadata, signature
+from . import metadata, passes, plan, signature
 from .findings import Finding, Report
 
 ModelSource = Union[str, Path, onnx.ModelProto]
@@ -67,6 +68,16 @@ FROZEN_CROP = Rule("SAM042", "frozen-crop", "error")
 RULES = {r.code: r for r in globals().values() if isinstance(r, Rule)}
 #: Findings after which the file could not be read at all (the CLI exits 2).
 UNREADABLE = {r.code for r in (FILE_MISSING, FILE_EMPTY, FILE_NOT_ONNX, FILE_TRUNCATED)}
+
+
+def repair_command(name: str, options: str, what: str = "fixed") -> str:
+    """The repair that ``options`` make, as a command runnable as printed: it reads the graph
+    validated (``MODEL.onnx`` for one given as a protobuf) and writes ``NAME.WHAT.onnx``
+    beside it, never over it."""
+    path = Path(name if name.endswith(".onnx") else "MODEL.onnx")
+    out = path.with_name(f"{path.stem}.{what}{path.suffix}")
+    return (f"sam-onnx repair {shlex.quote(str(path))} -o {shlex.quote(str(out))} "
+            f"{options}")
 
 
 def _ort_type(dtype: str) -> str:
@@ -182,7 +193,7 @@ def _versions(model: onnx.ModelProto, report: Report, name: str) -> None:
     if model.ir_version > max_ir:
         report.add(IR_TOO_NEW.finding(
             "model", f"IR version {model.ir_version} is newer than this ONNX Runtime loads",
-            f"sam-onnx repair --ir-version {max_ir}, or upgrade onnxruntime",
+            f"{repair_command(name, f'--ir-version {max_ir}')}; or upgrade onnxruntime",
             expected=f"<= {max_ir}", actual=str(model.ir_version), model=name,
             ort_error=f"Unsupported model IR version: {model.ir_version}, max supported IR "
                       f"version: {max_ir}"))
@@ -190,7 +201,7 @@ def _versions(model: onnx.ModelProto, report: Report, name: str) -> None:
         if op.domain in ("", "ai.onnx") and op.version > max_opset:
             report.add(OPSET_TOO_NEW.finding(
                 "model", f"opset {op.version} is newer than this ONNX Runtime supports",
-                f"sam-onnx repair --opset {max_opset}, or upgrade onnxruntime",
+                f"{repair_command(name, f'--opset {max_opset}')}; or upgrade onnxruntime",
                 expected=f"<= {max_opset}", actual=str(op.version), model=name,
                 ort_error=f"Current official support for domain ai.onnx is till opset "
                           f"{max_opset}"))
@@ -203,8 +214,8 @@ def _graph_inputs(model: onnx.ModelProto, report: Report, name: str) -> None:
         if value.name in init:
             report.add(INITIALIZER_INPUT.finding(
                 f"input:{value.name}", "an initializer listed as a graph input (old exporters "
-                "do this): optional to feed, not missing", "sam-onnx repair "
-                "--drop-initializer-inputs", model=name))
+                "do this): optional to feed, not missing",
+                repair_command(name, "--drop-initializer-inputs"), model=name))
         elif value.name not in used:
             report.add(UNUSED_INPUT.finding(
                 f"input:{value.name}", "no node uses this input; feeding it has no effect",
@@ -225,23 +236,27 @@ def _contracts(model: onnx.ModelProto, report: Report, name: str) -> None:
         report.add(CONTRACT_MATCH.finding("model", f"matches the {best.name} contract",
                                           model=name))
     else:
+        fixable = best.role == "decoder" and repairable(model, best.name)
         report.add(CONTRACT_NEAREST.finding(
             "model", f"matches no declared contract; nearest is {best.name} ({len(problems)} "
             f"difference(s): {'; '.join(problems)})",
-            f"sam-onnx repair --auto --feed {best.name}" if best.role == "decoder" else "",
+            repair_command(name, f"--auto --feed {best.name}", best.name) if fixable else
+            f"no repair makes it follow {best.name}: export it again with sam-onnx export",
             model=name))
 
 
-def check_feed(model: onnx.ModelProto, feed: feeds_.Feed, name: str = "") -> Report:
+def check_feed(model: onnx.ModelProto, feed: feeds_.Feed, name: str = "",
+               suggest: bool = True) -> Report:
     """Every way ``feed`` fails the graph's inputs, as ONNX Runtime would see it: names, then
-    each input's dtype, rank and dims, then symbolic dims fed different sizes."""
+    each input's dtype, rank and dims, then symbolic dims fed different sizes. ``suggest``:
+    whether to look for a repair that makes the graph take the feed."""
     report = Report()
     inputs = {t.name: t for t in signature.graph_inputs(model)}
-    _check_names(report, inputs, {i.name for i in model.graph.initializer}, feed, name)
+    _check_names(report, model, inputs, feed, name, suggest)
     symbols: Dict[str, List[Tuple[str, int]]] = {}
     for n, spec in inputs.items():
         if n in feed:
-            _check_input(report, spec, feed[n], symbols, name)
+            _check_input(report, spec, feed[n], symbols, name, set(inputs))
     for symbol, uses in symbols.items():
         if len({size for _, size in uses}) > 1:
             where = ", ".join(f"{axis}={size}" for axis, size in uses)
@@ -252,23 +267,33 @@ def check_feed(model: onnx.ModelProto, feed: feeds_.Feed, name: str = "") -> Rep
     return report
 
 
-def _check_names(report: Report, inputs: Dict, optional: set, feed: feeds_.Feed,
-                 name: str) -> None:
-    """Inputs the feed lacks, and keys the graph does not take (with the nearest name)."""
+def _check_names(report: Report, model: onnx.ModelProto, inputs: Dict, feed: feeds_.Feed,
+                 name: str, suggest: bool) -> None:
+    """Inputs the feed lacks, and keys the graph does not take (with the nearest name the
+    graph lacks a key for). When the feed is a declared contract's and a repair makes the
+    graph take it (a lowres decoder fed the official feed), every finding names that repair."""
+    optional = {i.name for i in model.graph.initializer}
     missing = [n for n in inputs if n not in feed]
+    extra = [k for k in feed if k not in inputs and k not in optional]
+    convert = None
+    if suggest and (missing or extra):
+        fed = next((c.name for c in CONTRACTS.values() if set(c.input_names) == set(feed)),
+                   None)
+        if fed is not None and repairable(model, fed):
+            convert = (f"{repair_command(name, f'--auto --feed {fed}', fed)} (the feed is "
+                       f"the {fed} contract's)")
     for n in missing:
         report.add(MISSING_INPUT.finding(
             f"input:{n}", f"the graph needs {n} but the feed has no such key",
-            f"add {n} ({inputs[n].dtype}, shape {list(inputs[n].shape)}) to the feed",
-            expected=n, model=name,
+            convert or f"add {n} ({inputs[n].dtype}, shape {list(inputs[n].shape)}) to the "
+            "feed", expected=n, model=name,
             ort_error=f"Required inputs (['{n}']) are missing from input feed"))
-    for key in feed:
-        if key in inputs or key in optional:
-            continue
-        near = difflib.get_close_matches(key, missing or list(inputs), n=1, cutoff=0.6)
-        fix = (f"rename the key to {near[0]} (or the input: sam-onnx repair --rename "
-               f"{near[0]}={key})" if near else
-               f"drop {key} from the feed: this graph takes {', '.join(inputs)}")
+    for key in extra:
+        near = difflib.get_close_matches(key, missing, n=1, cutoff=0.6)
+        fix = convert or (
+            f"rename the key to {near[0]}; or rename the graph's input: "
+            f"{repair_command(name, f'--rename {near[0]}={key}')}" if near else
+            f"drop {key} from the feed: this graph takes {', '.join(inputs)}")
         report.add(UNEXPECTED_INPUT.finding(
             f"feed:{key}", f"the feed has {key}, which is not an input of the graph"
             + (f" (did you mean {near[0]}?)" if near else ""), fix, actual=key, model=name,
@@ -276,8 +301,9 @@ def _check_names(report: Report, inputs: Dict, optional: set, feed: feeds_.Feed,
 
 
 def _check_input(report: Report, spec, entry: feeds_.FeedEntry,
-                 symbols: Dict[str, List[Tuple[str, int]]], name: str) -> None:
-    """One input's dtype, rank and fixed dims; its symbolic dims' sizes go to ``symbols``."""
+                 symbols: Dict[str, List[Tuple[str, int]]], name: str, inputs: set) -> None:
+    """One input's dtype, rank and fixed dims; its symbolic dims' sizes go to ``symbols``.
+    ``inputs``: the graph's input names."""
     n = spec.name
     if entry.dtype != spec.dtype:
         report.add(DTYPE.finding(
@@ -291,8 +317,7 @@ def _check_input(report: Report, spec, entry: feeds_.FeedEntry,
         report.add(RANK.finding(
             f"input:{n}", f"{n} has rank {len(entry.shape)}{scalar}, the graph takes rank "
             f"{len(spec.shape)} {list(spec.shape)}",
-            f"reshape {n} to {list(spec.shape)}, e.g. np.array([x], dtype=np.float32)"
-            if not entry.shape else f"reshape {n} to {list(spec.shape)}",
+            _rank_fix(spec, entry),
             expected=str(list(spec.shape)), actual=str(list(entry.shape)), model=name,
             ort_error=f"Invalid rank for input: {n} Got: {len(entry.shape)} Expected: "
                       f"{len(spec.shape)} Please fix either the inputs/outputs or the model."))
@@ -301,14 +326,72 @@ def _check_input(report: Report, spec, entry: feeds_.FeedEntry,
         if isinstance(want, int) and want != got:
             report.add(DIM.finding(
                 f"input:{n}", f"{n} has size {got} on axis {axis}, the graph fixes it at "
-                f"{want}", f"feed {n} with shape {list(spec.shape)}"
-                + (" or make the axis dynamic: sam-onnx repair --dynamic-points"
-                   if n in ("point_coords", "point_labels") else ""),
+                f"{want}", _dim_fix(spec, axis, name, inputs),
                 expected=str(list(spec.shape)), actual=str(list(entry.shape)), model=name,
                 ort_error=f"Got invalid dimensions for input: {n} for the following indices"
                           f" index: {axis} Got: {got} Expected: {want}"))
         elif isinstance(want, str):
             symbols.setdefault(want, []).append((f"{n}[{axis}]", got))
+
+
+def _rank_fix(spec, entry: feeds_.FeedEntry) -> str:
+    """How to feed an input of the wrong rank: what it takes; for an encoder's image, the
+    other encoder form, which takes what was fed (an HxWx3 image, or the 1x3x1024x1024
+    tensor), and the export flag that makes it."""
+    if not entry.shape:
+        return f"reshape {spec.name} to {list(spec.shape)}, e.g. np.array([x], dtype=np.float32)"
+    fix = f"reshape {spec.name} to {list(spec.shape)}"
+    if spec.name not in ENCODER_INPUTS:
+        return fix
+    declared = ENCODER_INPUTS[spec.name]
+    fix = f"feed {spec.name} {list(declared.shape)}: {declared.doc}"
+    other = next((c for c in ENCODER_FORMS
+                  if len(CONTRACTS[c].inputs[0].shape) == len(entry.shape)), None)
+    if other is not None:
+        image = CONTRACTS[other].inputs[0]
+        fix += (f"; or use an encoder that takes {image.name} {list(image.shape)} ({image.doc}):"
+                f" sam-onnx export --encoder-contract {ENCODER_FORMS[other]}; "
+                "SamOnnxPredictor.set_image feeds either")
+    return fix
+
+
+def _dim_fix(spec, axis: int, name: str, inputs: set) -> str:
+    """How to feed an input with a wrong fixed dim: its shape; the mask prompt one mask; a
+    point axis made dynamic by repair (where both point inputs have their names: the pass
+    finds them by name)."""
+    fix = f"feed {spec.name} with shape {list(spec.shape)}"
+    if spec.name == "mask_input" and axis == 1:
+        fix = ("mask_input takes one mask's low-res logits: pass low_res_masks[:, i:i+1] for "
+               "the mask you keep (i: the best of iou_predictions), or export a decoder that "
+               "returns one mask: sam-onnx export --return-single-mask")
+    elif spec.name in POINT_INPUTS and POINT_INPUTS <= inputs:
+        fix += f"; or make the axis dynamic: {repair_command(name, '--dynamic-points')}"
+    return fix
+
+
+#: The passes that change what a graph takes (versions do not).
+_SIGNATURE_PASSES = ("drop_initializer_inputs", "rename", "dynamic_points", "contract")
+
+
+def repairable(model: onnx.ModelProto, feed: str) -> bool:
+    """Whether the plan of ``plan.auto(model, feed)``, applied to a copy of the graph (without
+    its weights), makes the graph take the feed and follow a declared contract; not when it
+    does nothing or is not enough (a fix that cannot be given is not suggested)."""
+    try:
+        options = plan.auto(model, feed)
+    except SamOnnxError:
+        return False
+    if not options:
+        return False
+    trial = onnx.ModelProto()
+    trial.CopyFrom(model)
+    try:
+        trial, _, _ = passes.apply(trial, {k: v for k, v in options.items()
+                                           if k in _SIGNATURE_PASSES})
+    except SamOnnxError:
+        return False
+    takes = not check_feed(trial, feeds_.load(feed), suggest=False).errors
+    return takes and not signature.nearest_contract(trial)[1]
 
 
 def validate(model: ModelSource, feed: Optional[feeds_.FeedSource] = None) -> Report:
@@ -382,6 +465,12 @@ def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
 
 #: The image embedding's name in each family's graphs.
 EMBEDDINGS = {f.embedding for f in FAMILIES.values()}
+POINT_INPUTS = {"point_coords", "point_labels"}
+#: Encoder contract -> the ``--encoder-contract`` form that exports it.
+ENCODER_FORMS = {**{f.encoder.name: "tensor" for f in FAMILIES.values()},
+                 **{c: form for f in FAMILIES.values() for form, c in f.encoder_forms.items()}}
+#: The image inputs of the encoders sam-onnx exports, as declared.
+ENCODER_INPUTS = {CONTRACTS[c].inputs[0].name: CONTRACTS[c].inputs[0] for c in ENCODER_FORMS}
 #: Decoder inputs that only an encoder makes, by every family's encoder contract.
 ENCODER_OUTPUTS = {t.name for c in CONTRACTS.values() if c.role == "encoder" for t in c.outputs}
 

@@ -22,7 +22,13 @@ from ..families.sam.contracts import DECODER_BATCHED, DECODER_LOWRES
 from ..graph import metadata, signature
 from ..graph import passes as repair_passes
 from ..graph.feeds import from_arrays
-from ..graph.validate import check_feed, readable, validate_pair
+from ..graph.validate import (
+    check_feed,
+    readable,
+    repair_command,
+    repairable,
+    validate_pair,
+)
 from . import transforms
 from .images import ImageLike, load_image
 from .sessions import Session, SessionConfig, create
@@ -37,10 +43,13 @@ def graph_contract(model: onnx.ModelProto, name: str) -> GraphContract:
         return recorded
     nearest, problems = signature.nearest_contract(model)
     if problems:
+        fix = f"run sam-onnx validate {name}"
+        if nearest.role == "decoder" and repairable(model, nearest.name):
+            auto = f"--auto --feed {nearest.name}"
+            fix += f", or {repair_command(str(name), auto, nearest.name)}"
         raise SamOnnxError(
             f"{Path(name).name} follows no known contract (nearest {nearest.name}: "
-            f"{'; '.join(problems)}); run sam-onnx validate {name}, or sam-onnx repair "
-            f"--auto --feed {nearest.name}")
+            f"{'; '.join(problems)}); {fix}")
     return nearest
 
 

@@ -7,7 +7,6 @@ original's outputs on the same feed.
 """
 from __future__ import annotations
 
-import difflib
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,15 +15,13 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 import onnx
 
-from ..backend import runtime_limits
 from ..core.contracts import EVERY_PROMPT
 from ..core.errors import SamOnnxError
 from ..core.files import Staging, has_external_data, locked, part_file
 from ..core.parity import ParityReport
 from ..core.parity import report as parity_report
 from ..families import CONTRACTS
-from ..graph import io as graph_io
-from ..graph import metadata, passes, signature
+from ..graph import metadata, passes, plan, signature
 from ..graph import validate as validator
 from ..graph.findings import Report
 from ..graph.io import PROTOBUF_LIMIT
@@ -61,7 +58,7 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
                    opset=opset, simplify=simplify, fp16=fp16, contract=contract,
                    fix_crop=fix_crop)
     if auto_feed:
-        options = _with_plan(options, _auto_plan(model, auto_feed))
+        options = _with_plan(options, plan.auto(model, auto_feed))
         if frozen_crop(src, original) is not None:
             options["fix_crop"] = True
     model, changes, applied = passes.apply(model, options)
@@ -171,67 +168,6 @@ def _restamp(model: onnx.ModelProto, changes: List[str]) -> None:
         record.update(role=match.role, contract=match.name, contract_spec=match.to_dict())
     record["repairs"] = changes
     metadata.write(model, record)
-
-
-def _auto_plan(model: onnx.ModelProto, feed: str) -> dict:
-    """The repair options that make ``model`` accept the ``feed`` contract's inputs."""
-    if feed not in CONTRACTS:
-        raise SamOnnxError(f"--auto --feed {feed}: name a contract ({', '.join(CONTRACTS)})")
-    plan = _version_plan(model)
-    if any(v.name in {i.name for i in model.graph.initializer} for v in model.graph.input):
-        plan["drop_initializer_inputs"] = True
-    renames = _renames(model, CONTRACTS[feed])
-    if renames:
-        plan["rename"] = renames
-    current = {renames.get(t.name, t.name) for t in signature.graph_inputs(model)}
-    conversion = {("official", frozenset(CONTRACTS["lowres"].input_names)): "official",
-                  ("lowres", frozenset(CONTRACTS["official"].input_names)): "lowres",
-                  ("batched", frozenset(passes.UNFILTERED_BATCHED_INPUTS)): "batched"}
-    if (feed, frozenset(current)) in conversion:
-        plan["contract"] = conversion[feed, frozenset(current)]
-    if _points_fixed(model, renames):
-        plan["dynamic_points"] = True
-    return plan
-
-
-def _version_plan(model: onnx.ModelProto) -> dict:
-    """Down to the IR version and opset this ONNX Runtime loads."""
-    plan = {}
-    max_ir, max_opset = runtime_limits()
-    if model.ir_version > max_ir:
-        plan["ir_version"] = max_ir
-    if graph_io.opset(model) > max_opset:
-        plan["opset"] = max_opset
-    return plan
-
-
-def _renames(model: onnx.ModelProto, target) -> Dict[str, str]:
-    """Inputs and outputs whose names are close to one the contract (or its decoder
-    counterpart) uses and the graph lacks."""
-    names = [t.name for t in signature.graph_inputs(model)] + [o.name for o in model.graph.output]
-    wanted = list(target.input_names) + list(target.output_names)
-    if target.role == "decoder":
-        other = CONTRACTS["lowres" if target.name == "official" else "official"]
-        wanted += list(other.output_names)
-    renames = {}
-    for name in names:
-        if name not in wanted:
-            near = difflib.get_close_matches(name, [w for w in wanted if w not in names], n=1,
-                                             cutoff=0.75)
-            if near:
-                renames[name] = near[0]
-    return renames
-
-
-def _points_fixed(model: onnx.ModelProto, renames: Dict[str, str]) -> bool:
-    """Whether a point input has a fixed point axis, or a fixed prompt axis other than 1."""
-    for value in model.graph.input:
-        if renames.get(value.name, value.name) in passes.POINT_INPUTS:
-            dim = value.type.tensor_type.shape.dim
-            fixed_prompts = dim and dim[0].HasField("dim_value") and dim[0].dim_value != 1
-            if len(dim) > 1 and (dim[1].HasField("dim_value") or fixed_prompts):
-                return True
-    return False
 
 
 def _selected(outputs: Dict[str, np.ndarray], num_points: int) -> Dict[str, np.ndarray]:

@@ -3,7 +3,6 @@ ONNX Runtime error mapped to a rule, and a look at the outputs for NaN/Inf."""
 from __future__ import annotations
 
 import re
-import shlex
 from pathlib import Path
 from typing import Optional, Union
 
@@ -62,19 +61,9 @@ def validate(model: validator.ModelSource, feed: Optional[feeds_.FeedSource] = N
             crop = frozen_crop(source, proto)
             if crop is not None:
                 report.add(validator.FROZEN_CROP.finding(
-                    "output:masks", crop, f"sam-onnx repair {_quoted(name)} -o "
-                    f"{_quoted(fixed_name(name))} --auto --feed official", model=name))
+                    "output:masks", crop,
+                    validator.repair_command(name, "--auto --feed official"), model=name))
     return report
-
-
-def _quoted(path: str) -> str:
-    return shlex.quote(str(path))
-
-
-def fixed_name(path: str, what: str = "fixed") -> str:
-    """Where a suggested repair writes: beside the graph, ``NAME.fixed.onnx``."""
-    p = Path(path)
-    return str(p.with_name(f"{p.stem}.{what}{p.suffix}"))
 
 
 #: The image sizes the crop is checked at: one landscape and one portrait, neither the
