@@ -331,3 +331,57 @@ def test_predict_command_bad_arguments(models, tmp_path):
     assert proc.returncode == 2 and "--point takes 2 or 3" in proc.stderr
     proc = run_cli(*base)
     assert proc.returncode == 2 and "give a prompt" in proc.stderr
+
+
+@pytest.mark.parametrize("decoder", ["official", "batched"])
+def test_many_boxes_in_one_call_equal_single_calls_and_predict_torch(models, tiny_batched,
+                                                                     decoder):
+    """A detector's boxes, with and without a point each: predict_batch(boxes=) gives what B
+    predict calls give, and what SamPredictor.predict_torch(boxes=) gives."""
+    import torch
+
+    path = tiny_batched if decoder == "batched" else models[decoder]
+    predictor = SamOnnxPredictor(models["encoder"], path)
+    image = _synthetic(400, 600)
+    predictor.set_image(image)
+    reference = models["torch"]
+    reference.set_image(image)
+    rng = np.random.default_rng(3)
+    corner = rng.uniform(0, 350, (6, 2))
+    boxes = np.concatenate([corner, corner + rng.uniform(20, 200, (6, 2))], axis=1)
+    points = (boxes[:, None, :2] + boxes[:, None, 2:]) / 2
+    for kwargs in (dict(boxes=boxes), dict(point_coords=points, point_labels=np.ones((6, 1)),
+                                           boxes=boxes)):
+        for multimask in (True, False):
+            low_res, scores = predictor.predict_batch(multimask_output=multimask, **kwargs)
+            for i in range(len(boxes)):
+                single = dict(box=boxes[i])
+                if "point_coords" in kwargs:
+                    single.update(point_coords=points[i], point_labels=np.ones(1))
+                _, want_scores, want_low = predictor.predict(multimask_output=multimask, **single)
+                np.testing.assert_allclose(low_res[i], want_low, atol=LOGIT_ATOL)
+                np.testing.assert_allclose(scores[i], want_scores, atol=LOGIT_ATOL)
+            transform = reference.transform
+            torch_boxes = torch.from_numpy(transform.apply_boxes(boxes, image.shape[:2])).float()
+            torch_points = None
+            if "point_coords" in kwargs:
+                torch_points = (torch.from_numpy(transform.apply_coords(points, image.shape[:2]))
+                                .float(), torch.ones(6, 1))
+            with torch.inference_mode():
+                _, want_scores, want_low = reference.predict_torch(
+                    *(torch_points or (None, None)), boxes=torch_boxes,
+                    multimask_output=multimask)
+            np.testing.assert_allclose(low_res, want_low.numpy(), atol=LOGIT_ATOL)
+            np.testing.assert_allclose(scores, want_scores.numpy(), atol=LOGIT_ATOL)
+
+
+def test_many_box_prompts_that_do_not_fit_are_refused(models):
+    predictor = SamOnnxPredictor(models["encoder"], models["official"])
+    predictor.set_image(_synthetic())
+    for kwargs, words in ((dict(boxes=np.zeros((3, 5))), "boxes must be Bx4"),
+                          (dict(point_coords=np.zeros((2, 1, 2)), point_labels=np.ones((2, 1)),
+                                boxes=np.zeros((3, 4))), "for 2 point prompts"),
+                          (dict(), "give prompts"),
+                          (dict(boxes=np.full((1, 4), np.nan)), "NaN")):
+        with pytest.raises(SamOnnxError, match=words):
+            predictor.predict_batch(**kwargs)

@@ -91,7 +91,8 @@ def read(path: Path, report: Report) -> Optional[onnx.ModelProto]:
         report.add(FILE_MISSING.finding("model", f"{path} does not exist",
                                         "check the path", model=name))
         return None
-    head = path.open("rb").read(64)
+    with path.open("rb") as file:
+        head = file.read(64)
     if not head:
         report.add(FILE_EMPTY.finding("model", f"{path} is empty (0 bytes)",
                                       "export or download it again", model=name))

@@ -31,7 +31,7 @@ from ..graph.validate import (
 )
 from . import transforms
 from .images import ImageLike, load_image
-from .sessions import Session, SessionConfig, create
+from .sessions import Session, SessionConfig, create, warn_fallback
 
 PathLike = Union[str, Path]
 
@@ -257,15 +257,19 @@ class SamOnnxPredictor:
         # decoder's: ONNX Runtime lets go of the GIL while it loads (vit_b, measured: the
         # two sessions 0.54-0.61 s one after the other, 0.49-0.51 s side by side).
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
-            building = None if encoder is None else pool.submit(create, encoder, config)
+            building = None if encoder is None else pool.submit(create, encoder, config,
+                                                                  warn=False)
             self.decoder: Session = self._decoder_session(self._no_mask)
             self.encoder: Optional[Session] = None if building is None else building.result()
+        for session in (self.decoder, self.encoder):  # said at the caller's line, once
+            if session is not None:
+                warn_fallback(session, stacklevel=3)
         self.reset_image()
 
     def _decoder_session(self, bound: Dict[str, np.ndarray]) -> Session:
         return create(_decoder_source(self._decoder_path, self._decoder_graph,
                                       self.decoder_contract, self._outputs, bound),
-                      self._session_config, name=Path(self._decoder_path).name)
+                      self._session_config, name=Path(self._decoder_path).name, warn=False)
 
     # -- image ---------------------------------------------------------------------------
     def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
@@ -367,22 +371,27 @@ class SamOnnxPredictor:
         clamp = self.family.postprocess.low_res_clamp
         return low_res if clamp is None else np.clip(low_res, -clamp, clamp)
 
-    def predict_batch(self, point_coords: np.ndarray, point_labels: np.ndarray,
-                      multimask_output: bool = True,
-                      mask_input: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
-        """Many point prompts at once, as SamPredictor.predict_torch without boxes (the
-        padding point is added): coords (B, N, 2) in the original image's pixels, labels
-        (B, N), optionally a low-res mask prompt per prompt (B, 256, 256) -> low-res logits
-        (B, C, 256, 256) and scores (B, C); no upscaling.
+    def predict_batch(self, point_coords: Optional[np.ndarray] = None,
+                      point_labels: Optional[np.ndarray] = None,
+                      multimask_output: bool = True, mask_input: Optional[np.ndarray] = None,
+                      boxes: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+        """Many prompts at once, as SamPredictor.predict_torch: coords (B, N, 2) in the
+        original image's pixels with labels (B, N), and/or ``boxes`` (B, 4) x0, y0, x1, y1
+        (a detector's boxes turned into masks), optionally a low-res mask prompt per prompt
+        (B, 256, 256) -> low-res logits (B, C, 256, 256) and scores (B, C); no upscaling
+        (``postprocess_masks`` does it). Each row gives what ``predict`` gives for it.
 
-        A ``batched`` decoder takes many prompts in one run; other decoders one per run."""
+        A ``batched`` decoder takes many prompts in one run (a box is its two corners,
+        labelled 2 and 3, as SAM's prompt encoder embeds it); other decoders one per run."""
         low_res, scores, _ = self.predict_batch_filtered(
-            point_coords, point_labels, EVERY_PROMPT, multimask_output, mask_input)
+            point_coords, point_labels, EVERY_PROMPT, multimask_output, mask_input, boxes)
         return low_res, scores
 
-    def predict_batch_filtered(self, point_coords: np.ndarray, point_labels: np.ndarray,
-                               pred_iou_thresh: float, multimask_output: bool = True,
-                               mask_input: Optional[np.ndarray] = None
+    def predict_batch_filtered(self, point_coords: Optional[np.ndarray],
+                               point_labels: Optional[np.ndarray], pred_iou_thresh: float,
+                               multimask_output: bool = True,
+                               mask_input: Optional[np.ndarray] = None,
+                               boxes: Optional[np.ndarray] = None
                                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
         """As predict_batch, but logits only for the prompts with a score above
         ``pred_iou_thresh``: (logits (K, C, 256, 256), scores (B, C), the K prompts' indices,
@@ -391,15 +400,10 @@ class SamOnnxPredictor:
         A ``batched`` decoder then skips the upscaler, half of a prompt's time, for the others:
         the automatic mask generator drops their masks unseen."""
         self._require_image()
-        coords = np.asarray(point_coords, np.float64)
-        labels = np.asarray(point_labels, np.float64)
-        if coords.ndim != 3 or coords.shape[2] != 2 or labels.shape != coords.shape[:2]:
-            raise SamOnnxError(f"point_coords must be BxNx2 and point_labels BxN; got "
-                               f"{coords.shape} and {labels.shape}")
-        check_labels(labels)
+        coords, labels = self._batch_prompts(point_coords, point_labels, boxes)
         b = len(coords)
         coords = self._apply_coords(coords)
-        if not self.family.graph_pads:  # the padding point predict_torch adds
+        if boxes is None and not self.family.graph_pads:  # the padding predict_torch adds
             coords = np.concatenate([coords, np.zeros((b, 1, 2))], axis=1)
             labels = np.concatenate([labels, -np.ones((b, 1))], axis=1)
         step = self.decoder_batch if self.batched else 1
@@ -420,6 +424,38 @@ class SamOnnxPredictor:
             low_res.append(logits[passed])
             kept.append(i + kept_rows[passed])
         return np.concatenate(low_res), np.concatenate(scores), np.concatenate(kept)
+
+    @staticmethod
+    def _batch_prompts(point_coords, point_labels, boxes) -> Tuple[np.ndarray, np.ndarray]:
+        """predict_batch's prompts -> coords (B, N, 2) and labels (B, N) in the image's
+        pixels: the points, then each box's corners (labels 2, 3)."""
+        if (point_coords is None) != (point_labels is None):
+            raise SamOnnxError("point_coords and point_labels go together: pass both or neither")
+        if point_coords is None and boxes is None:
+            raise SamOnnxError("give prompts: point_coords with point_labels, and/or boxes")
+        parts, labels = [], []
+        if point_coords is not None:
+            coords = np.asarray(point_coords, np.float64)
+            lab = np.asarray(point_labels, np.float64)
+            if coords.ndim != 3 or coords.shape[2] != 2 or lab.shape != coords.shape[:2]:
+                raise SamOnnxError(f"point_coords must be BxNx2 and point_labels BxN; got "
+                                   f"{coords.shape} and {lab.shape}")
+            check_labels(lab, with_box=boxes is not None)
+            parts.append(coords)
+            labels.append(lab)
+        if boxes is not None:
+            box = np.asarray(boxes, np.float64)
+            rows = len(parts[0]) if parts else len(box)
+            if box.shape != (rows, 4):
+                raise SamOnnxError(f"boxes must be Bx4 (x0, y0, x1, y1), one per prompt; got "
+                                   f"{box.shape}" + (f" for {rows} point prompts" if parts
+                                                     else ""))
+            parts.append(box.reshape(-1, 2, 2))
+            labels.append(np.broadcast_to([2.0, 3.0], (rows, 2)))
+        coords = np.concatenate(parts, axis=1)
+        if not np.isfinite(coords).all():
+            raise SamOnnxError("prompt coordinates contain NaN or Inf")
+        return coords, np.concatenate(labels, axis=1)
 
     def _run(self, feed):
         problems = check_feed(self._decoder_graph, from_arrays(feed)).errors

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import io
 import logging
 import os
@@ -63,6 +64,7 @@ class Session:
     requested: List[str]
     active: List[str]
     fallback_reason: Optional[str] = None
+    fallback_message: Optional[str] = None
     input_names: List[str] = field(default_factory=list)
     output_names: List[str] = field(default_factory=list)
 
@@ -110,7 +112,7 @@ def gpu_unavailable_reason() -> Optional[str]:
     wrong_build = _gpu_build_reason(packages)
     if wrong_build:
         return wrong_build
-    reasons = _cuda_library_reasons()
+    reasons = list(_cuda_library_reasons())
     if reasons and "onnxruntime" in packages:
         reasons.append("the CPU-only onnxruntime is installed too: uninstall it")
     return "; ".join(reasons) or None
@@ -130,8 +132,12 @@ def _gpu_build_reason(packages: dict) -> Optional[str]:
             "then pip install 'sam-onnx[gpu]'")
 
 
-def _cuda_library_reasons() -> List[str]:
-    """What of driver, CUDA/cuDNN libraries and device onnxruntime-gpu cannot find."""
+@functools.lru_cache(maxsize=None)
+def _cuda_library_reasons() -> Tuple[str, ...]:
+    """What of driver, CUDA/cuDNN libraries and device onnxruntime-gpu cannot find, looked
+    for once a process. Where anything is missing, sessions are not asked for CUDA at all:
+    ONNX Runtime would try to load its CUDA provider and print its own "Failed to load
+    library ..." error lines around ours."""
     if hasattr(ort, "preload_dlls"):  # use the nvidia-* pip packages' CUDA/cuDNN if present
         try:
             with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -161,7 +167,7 @@ def _cuda_library_reasons() -> List[str]:
                 reasons.append("no CUDA device is visible (check CUDA_VISIBLE_DEVICES)")
         except OSError:
             pass
-    return reasons
+    return tuple(reasons)
 
 
 def _options(config: SessionConfig) -> "ort.SessionOptions":
@@ -191,17 +197,20 @@ def _options(config: SessionConfig) -> "ort.SessionOptions":
 
 
 def create(model: Union[os.PathLike, str, bytes],
-           config: SessionConfig = SessionConfig(), name: Optional[str] = None) -> Session:
+           config: SessionConfig = SessionConfig(), name: Optional[str] = None,
+           warn: bool = True) -> Session:
     """Build a session asking for ``config.providers`` in order, and report a CPU fallback.
 
     ``model`` is a path, or serialized bytes for a graph held in memory (not cached);
-    ``name``: what messages call it (default: the file's name)."""
+    ``name``: what messages call it (default: the file's name); ``warn=False``: the caller
+    says the fallback with ``warn_fallback``."""
     in_memory = isinstance(model, bytes)
     name = name or ("<in-memory graph>" if in_memory else Path(model).name)
     requested = [provider_name(p) for p in config.providers]
     if CPU not in requested:
         requested.append(CPU)
-    runnable = [p for p in requested if p in ort.get_available_providers()] or [CPU]
+    runnable = [p for p in requested if p in ort.get_available_providers()
+                and not (p in (CUDA, TENSORRT) and _cuda_library_reasons())] or [CPU]
     ort.set_default_logger_severity(3)  # ONNX Runtime's own fallback log: said once below
     options = _options(config)
     cached = None if in_memory else _cached_model(Path(model), config, runnable)
@@ -233,11 +242,19 @@ def create(model: Union[os.PathLike, str, bytes],
                    f"CPUExecutionProvider: {session.fallback_reason}")
         if config.strict:
             raise SamOnnxError(message)
-        if session.fallback_reason not in _warned:  # once per reason, not once per graph
-            _warned.add(session.fallback_reason)
-            log.debug("%s", message)
-            warnings.warn(message, ProviderFallbackWarning, stacklevel=2)
+        session.fallback_message = message
+        if warn:
+            warn_fallback(session, stacklevel=3)
     return session
+
+
+def warn_fallback(session: Session, stacklevel: int = 2) -> None:
+    """Say a session's CPU fallback, once per reason (not once per graph); for a session
+    built with ``create(..., warn=False)`` on another thread, from the caller's own."""
+    if session.fallback_message and session.fallback_reason not in _warned:
+        _warned.add(session.fallback_reason)
+        log.debug("%s", session.fallback_message)
+        warnings.warn(session.fallback_message, ProviderFallbackWarning, stacklevel=stacklevel)
 
 
 def _inference_session(source, options, providers: List[str], config: SessionConfig,

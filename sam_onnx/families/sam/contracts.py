@@ -138,8 +138,9 @@ DECODER_LOWRES = GraphContract(
 DECODER_BATCHED = GraphContract(
     name="batched",
     role="decoder",
-    doc="Many point prompts against one image embedding in one run, as the automatic mask "
-    "generator needs them: no mask prompt, scores for every prompt and low-resolution logits "
+    doc="Many prompts against one image embedding in one run, as the automatic mask "
+    "generator (points) and detector pipelines (boxes, SamPredictor.predict_torch(boxes=)) "
+    "need them: no mask prompt, scores for every prompt and low-resolution logits "
     "for the prompts whose scores pass a threshold (the generator drops the others unseen, "
     "and scores cost half of what masks do); the caller upscales. The work that does not "
     "depend on the prompt is done once per run.",
@@ -149,7 +150,8 @@ DECODER_BATCHED = GraphContract(
                    "(x, y) in the resized 1024-pixel frame, one row of points per prompt"),
         TensorSpec("point_labels", _FP32, ("num_prompts", "num_points"),
                    "as for one prompt; the automatic mask generator sends [1, -1] (a point and "
-                   "the padding point)"),
+                   "the padding point), predict_batch(boxes=) a box's corners [2, 3] after any "
+                   "points"),
         TensorSpec("pred_iou_thresh", _FP32, (1,),
                    "masks are computed for every prompt except those whose predicted IoUs are "
                    "all at or below this; -inf for every prompt"),
