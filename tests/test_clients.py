@@ -1,6 +1,7 @@
 """Graphs for the clients people already run, and other exporters' graphs (#15): the
 single-mask decoder, the image-input encoder, segment-anything's own export (its frozen crop),
 and every fix validate prints, run as printed."""
+import os
 import shlex
 import subprocess
 import sys
@@ -194,16 +195,48 @@ def test_the_automatic_mask_generator_runs_a_single_mask_decoder(client_export):
     assert len(records) <= 16  # one mask a point at most
 
 
-def test_samexporters_preprocessing_encoder_is_recognised_and_run(client_export, tmp_path):
-    """samexporter 0.5.0's ImageEncoderOnnxModel(use_preprocess=True), exported as its
-    export_encoder does (the input_image HxWx3 form AnyLabeling feeds), from its wheel."""
+@pytest.fixture(scope="module")
+def samexporter_code(tmp_path_factory) -> Path:
+    """samexporter 0.5.0's code, from its wheel (its pins keep it out of our environment; the
+    code is pure Python)."""
+    tmp = tmp_path_factory.mktemp("samexporter")
     got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                          str(tmp_path), "samexporter==0.5.0"], capture_output=True, text=True,
+                          str(tmp), "samexporter==0.5.0"], capture_output=True, text=True,
                          timeout=300)
     if got.returncode != 0:
         pytest.skip(f"samexporter's wheel is not reachable: {got.stderr.strip()[-200:]}")
-    (wheel,) = tmp_path.glob("*.whl")
-    zipfile.ZipFile(wheel).extractall(tmp_path / "code")
+    (wheel,) = tmp.glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp / "code")
+    return tmp / "code"
+
+
+def test_samexporters_single_mask_decoder_is_recognised_and_its_crop_found(samexporter_code,
+                                                                           tmp_path):
+    """samexporter's own export_decoder.run_export (--return-single-mask, its documented
+    flow) on a vit_b checkpoint of random weights from segment_anything's registry."""
+    checkpoint = tmp_path / "sam_vit_b.pth"
+    decoder = tmp_path / "samexporter_decoder.onnx"
+    script = (
+        "import sys, torch\n"
+        "from segment_anything import sam_model_registry\n"
+        "torch.manual_seed(0)\n"
+        "torch.save(sam_model_registry['vit_b'](checkpoint=None).state_dict(), sys.argv[1])\n"
+        "from samexporter.export_decoder import run_export\n"
+        "run_export(model_type='vit_b', checkpoint=sys.argv[1], output=sys.argv[2], opset=18,\n"
+        "           return_single_mask=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(checkpoint), str(decoder)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(samexporter_code)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = sam_onnx.validate(decoder, feed="official", run=True)
+    assert "matches the official_single contract" in report.to_text()
+    assert "SAM042" in report.codes()
+
+
+def test_samexporters_preprocessing_encoder_is_recognised_and_run(client_export,
+                                                                  samexporter_code, tmp_path):
+    """samexporter 0.5.0's ImageEncoderOnnxModel(use_preprocess=True), exported as its
+    export_encoder does (the input_image HxWx3 form AnyLabeling feeds), from its wheel."""
     encoder = tmp_path / "samexporter_encoder.onnx"
     script = (
         "import sys, torch\n"
@@ -220,7 +253,7 @@ def test_samexporters_preprocessing_encoder_is_recognised_and_run(client_export,
     torch.save(client_export["sam"].state_dict(), checkpoint)
     proc = subprocess.run([sys.executable, "-c", script, str(checkpoint), str(encoder)],
                           capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "PYTHONPATH": str(tmp_path / "code")})
+                          env={**os.environ, "PYTHONPATH": str(samexporter_code)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "matches the encoder_image contract" in sam_onnx.validate(encoder).to_text()
     ours = SamOnnxPredictor(client_export["encoder"], client_export["decoder"])
@@ -229,3 +262,12 @@ def test_samexporters_preprocessing_encoder_is_recognised_and_run(client_export,
     ours.set_image(image)
     theirs.set_image(image)
     np.testing.assert_allclose(theirs.features, ours.features, atol=1e-4)
+
+
+def test_check_passes_the_client_graphs_against_segment_anything(client_export, tiny_checkpoint):
+    """check compares the image-input encoder and the single-mask decoder with SamPredictor
+    (the decoder against the mask select_masks picks of PyTorch's four)."""
+    proc = run_cli("check", "--model", "tiny", "--checkpoint", tiny_checkpoint,
+                   "--encoder", client_export["encoder"], "--decoder", client_export["decoder"])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    assert "PASS" in proc.stdout and "box" in proc.stdout

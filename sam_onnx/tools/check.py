@@ -197,7 +197,7 @@ def _image_rows(onnx_pred, torch_pred, side, name: str, img: np.ndarray,
                       for kind, p in list(cases.items())})
     for kind, prompt in cases.items():
         got = onnx_pred.predict(**prompt, return_logits=True)
-        want = [np.asarray(a) for a in torch_pred.predict(**prompt, return_logits=True)]
+        want = _reference(torch_pred, contract, prompt)
         rows += _decoder_rows(name, kind, got, want, dec_tol)
         if "mask_input" not in onnx_pred.inputs:
             rows.append(Row("decoder", name, f"{kind} refined", "low_res_masks", "max |err|",
@@ -205,17 +205,31 @@ def _image_rows(onnx_pred, torch_pred, side, name: str, img: np.ndarray,
             continue
         low_res = want[2][np.argmax(want[1])][None]  # the same mask prompt for both
         got = onnx_pred.predict(**prompt, mask_input=low_res, return_logits=True)
-        want = [np.asarray(a) for a in torch_pred.predict(**prompt, mask_input=low_res,
-                                                          return_logits=True)]
+        want = _reference(torch_pred, contract, {**prompt, "mask_input": low_res})
         rows += _decoder_rows(name, f"{kind} refined", got, want, dec_tol)
     return rows
 
 
 def _one_mask(contract) -> bool:
-    """A decoder exported to return one mask a prompt, without a switch for more (ONNX
-    Runtime's default SAM 2 decoder)."""
-    return contract.output("iou_predictions").shape[-1] == 1 and \
+    """A decoder exported to return one mask a prompt, without a switch for more and without
+    a rule of its own to pick it (ONNX Runtime's default SAM 2 decoder)."""
+    return contract.output("iou_predictions").shape[-1] == 1 and not contract.selects and \
         "multimask_output" not in contract.input_names
+
+
+def _reference(torch_pred, contract, prompt: dict) -> List[np.ndarray]:
+    """The family's PyTorch predictor's (masks, scores, low-res logits) for ``prompt``; for a
+    decoder that picks its one mask by segment-anything's select_masks (official_single),
+    the mask that rule picks: the single-mask token with three or more points (the padding
+    point counted), else the best-scored of the three multimask outputs."""
+    if not contract.selects:
+        return [np.asarray(a) for a in torch_pred.predict(**prompt, return_logits=True)]
+    points = prompt.get("point_coords")
+    n = (0 if points is None else len(points)) + (1 if prompt.get("box") is None else 2)
+    multimask = n < 3
+    got = torch_pred.predict(**{**prompt, "multimask_output": multimask}, return_logits=True)
+    best = int(np.argmax(got[1])) if multimask else 0
+    return [np.asarray(a)[best:best + 1] for a in got]
 
 
 def _automatic_row(onnx_pred, reference, name: str, img: np.ndarray, tol: Tolerance,

@@ -98,9 +98,9 @@ def frozen_crop(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto) ->
         return None
     checked = ", ".join(f"{h}x{w}" for h, w in CROP_CHECK_SIZES)
     return (f"masks are cropped at a size frozen when the graph was exported (wrong at "
-            f"{' and '.join(wrong)}; checked at {checked}): segment-anything 1.0's export "
-            "traces its crop as a constant, so masks are "
-            "right only at the export's aspect ratio")
+            f"{' and '.join(wrong)}; checked at {checked}): exports through segment-anything "
+            "1.0's SamOnnxModel (its script, samexporter) trace the crop as a constant, so "
+            "masks are right only at the export's aspect ratio")
 
 
 def run_once(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto,
