@@ -271,3 +271,37 @@ def test_check_passes_the_client_graphs_against_segment_anything(client_export, 
                    "--encoder", client_export["encoder"], "--decoder", client_export["decoder"])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     assert "PASS" in proc.stdout and "box" in proc.stdout
+
+
+def test_samexporters_inference_runs_the_anylabeling_files_as_they_are(client_export,
+                                                                        samexporter_code,
+                                                                        tmp_path):
+    """The client side: samexporter 0.5.0's SegmentAnythingONNX (AnyLabeling's SAM runner
+    came from it) loads sam-onnx's image-input encoder and single-mask decoder unchanged and
+    gets sam-onnx's predictor's embedding and mask, on a portrait image."""
+    image = synthetic(500, 300)
+    Image.fromarray(image).save(tmp_path / "image.png")
+    out = tmp_path / "theirs.npz"
+    script = (
+        "import sys, cv2, numpy as np\n"
+        "from samexporter.sam_onnx import SegmentAnythingONNX\n"
+        "model = SegmentAnythingONNX(sys.argv[1], sys.argv[2], ['CPUExecutionProvider'])\n"
+        "embedding = model.encode(cv2.imread(sys.argv[3]))\n"
+        "masks = model.predict_masks(embedding, [{'type': 'point', 'data': [150, 200],\n"
+        "                                          'label': 1}])\n"
+        "np.savez(sys.argv[4], embedding=embedding['image_embedding'], masks=masks)\n")
+    proc = subprocess.run([sys.executable, "-c", script, str(client_export["encoder"]),
+                           str(client_export["decoder"]), str(tmp_path / "image.png"), str(out)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": str(samexporter_code)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    theirs = np.load(out)
+    ours = SamOnnxPredictor(client_export["encoder"], client_export["decoder"])
+    ours.set_image(image)
+    masks, _, _ = ours.predict(np.array([[150.0, 200.0]]), np.array([1]), return_logits=True)
+    np.testing.assert_allclose(theirs["embedding"], ours.features, atol=1e-4)
+    # samexporter 0.5.0 upscales low_res_masks itself (to dodge the frozen crop), with
+    # OpenCV's resize: the same mask, logits equal to resampling differences
+    assert theirs["masks"].shape == (1, 1, 500, 300)
+    assert np.mean((theirs["masks"][0] > 0) == (masks > 0)) > 0.999
+    np.testing.assert_allclose(theirs["masks"][0], masks, atol=0.05)
