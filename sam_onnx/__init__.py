@@ -24,6 +24,7 @@ _LAZY = {
     "Report": "graph.findings",
     "repair": "tools.repair",
     "check": "tools.check",
+    "segment_dataset": "tools.dataset",
     "SamOnnxPredictor": "runtime.predictor",
     "SamOnnxAutomaticMaskGenerator": "runtime.automatic",
     "SessionConfig": "runtime.sessions",

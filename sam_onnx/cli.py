@@ -374,19 +374,21 @@ def _bbox(mask) -> list:
               help="Refine every mask once with itself as the mask prompt (SAM 2's option).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Processes sharing the images, each with its share of the CPU threads.")
-@_expected_errors("images finished before it keep their JSON and overlay; none is half-written")
+@_expected_errors("images finished before it keep their JSON and overlay and are in "
+                  "manifest.jsonl and annotations.json; none is half-written; run the same "
+                  "command again to go on")
 def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) -> None:
     """Segment everything in each image (files or folders of images): segment_anything's
     automatic mask generator on ONNX Runtime; best with a batched decoder (export
-    --decoder-contract batched)."""
+    --decoder-contract batched). Writes IMAGE.json and IMAGE.png per image, and
+    manifest.jsonl and annotations.json (COCO) for the dataset; run again, it resumes: images
+    done for the same bytes and graphs are skipped. Exit 0 only when no image failed."""
     from tqdm import tqdm
 
-    from .tools.segment import SegmentJob, find_images, segment_images
+    from .tools.dataset import segment_dataset
 
-    images = find_images(inputs)
-    job = SegmentJob(encoder, decoder, out_dir, generator, _providers(providers))
     grid = generator["points_per_side"] ** 2
-    with tqdm(total=len(images), unit="image", disable=None) as bar, \
+    with tqdm(unit="image", disable=None) as bar, \
             tqdm(total=grid, unit="prompt", leave=False, disable=None if workers == 1 else True) \
             as prompts:
         def on_batch(done, total):
@@ -394,13 +396,24 @@ def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) 
             prompts.n = done
             prompts.refresh()
 
-        def on_image(result):
+        def on_image(record):
             bar.update(1)
-            bar.write(f"{result['image']}: {result['masks']} masks")
+            detail = {"done": f"{record.get('masks')} masks",
+                      "failed": f"failed: {record.get('reason')}",
+                      "skipped": "skipped: done before for the same image and graphs"}
+            bar.write(f"{record['path']}: {detail[record['status']]}")
             prompts.n = 0
 
-        segment_images(images, job, workers, on_image, on_batch)
-    click.echo(f"wrote {len(images)} JSON file(s) and overlay(s) to {out_dir}")
+        summary = segment_dataset(inputs, out_dir, encoder, decoder, generator=generator,
+                                  workers=workers, providers=_providers(providers),
+                                  on_image=on_image, on_batch=on_batch)
+    click.echo(f"segment: {summary.line()}; per image JSON and overlays, manifest.jsonl and "
+               f"annotations.json in {out_dir}")
+    if not summary.ok:
+        click.echo(f"Error: {summary.count('failed')} image(s) failed (their reasons are above "
+                   "and in manifest.jsonl); fix or remove them and run again: done images are "
+                   "skipped", err=True)
+        sys.exit(1)
 
 
 @main.command()

@@ -372,9 +372,13 @@ def test_sigterm_during_segment_keeps_finished_images_whole(case_dir):
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143, stderr
     assert _error_lines(stderr) == ["Error: terminated (SIGTERM); images finished before it "
-                                    "keep their JSON and overlay; none is half-written"]
-    done = sorted(p.stem for p in (case_dir / "o").glob("*.json"))
+                                    "keep their JSON and overlay and are in manifest.jsonl and "
+                                    "annotations.json; none is half-written; run the same "
+                                    "command again to go on"]
+    done = sorted(p.stem for p in (case_dir / "o").glob("i*.json"))
     assert 1 <= len(done) < 6
+    dataset = json.loads((case_dir / "o" / "annotations.json").read_text())
+    assert sorted(Path(i["file_name"]).stem for i in dataset["images"]) == done
     for stem in done:
         json.loads((case_dir / "o" / f"{stem}.json").read_text())  # whole, parses
     for png in (case_dir / "o").glob("*.png"):

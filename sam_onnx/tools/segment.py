@@ -1,5 +1,6 @@
-"""``sam-onnx segment``: the automatic mask generator over many images, writing per image a
-COCO-style JSON of masks and an overlay PNG.
+"""``sam-onnx segment``'s per-image work: the automatic mask generator over many images,
+writing per image a COCO-style JSON of masks and an overlay PNG (``tools.dataset`` runs it
+over a dataset, with its manifest, its annotations.json and resuming).
 
 One generator (and so one pair of ONNX Runtime sessions) serves every image a process
 handles; with ``workers`` > 1 the images are shared among processes, each with its share
@@ -9,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 from ..core.errors import SamOnnxError
 from ..core.files import atomic_write
@@ -103,13 +105,27 @@ class Segmenter:
 
     def segment(self, image: Path,
                 progress: Optional[Callable[[int, int], None]] = None) -> Dict:
-        rgb = load_image(image)
-        records = self.generator.generate(rgb, progress=progress)
-        json_path, overlay = outputs(image, self.job.out_dir)
-        _write_json(coco_record(image, rgb.shape[:2], records), json_path)
-        masks = (amg.rle_to_mask(amg.coco_decode_rle(r["segmentation"])) for r in records)
-        save_masks_overlay(rgb, masks, overlay)
-        return {"image": str(image), "masks": len(records)}
+        """Segment one image: {image_path, status: done, masks, seconds}, or, for an image
+        that cannot be read or segmented (unreadable, truncated, oversized), {image_path,
+        status: failed, reason (one line)}: the caller records it and goes on."""
+        start = time.perf_counter()
+        try:
+            rgb = load_image(image)
+            records = self.generator.generate(rgb, progress=progress)
+            json_path, overlay = outputs(image, self.job.out_dir)
+            _write_json(coco_record(image, rgb.shape[:2], records), json_path)
+            masks = (amg.rle_to_mask(amg.coco_decode_rle(r["segmentation"])) for r in records)
+            save_masks_overlay(rgb, masks, overlay)
+        except (SamOnnxError, OSError) as exc:
+            return {"image_path": image, "status": "failed", "reason": _one_line(exc),
+                    "seconds": time.perf_counter() - start}
+        return {"image_path": image, "status": "done", "masks": len(records),
+                "seconds": time.perf_counter() - start}
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 _WORKER: Optional[Segmenter] = None
@@ -124,29 +140,21 @@ def _segment_in_worker(image: Path) -> Dict:
     return _WORKER.segment(image)
 
 
-def segment_images(images: Sequence[Path], job: SegmentJob, workers: int = 1,
-                   on_image: Optional[Callable[[Dict], None]] = None,
-                   on_batch: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
-    """Segment every image; ``on_image`` after each one, ``on_batch`` after each batch of
-    prompts (in this process only)."""
-    check_outputs(images, job.out_dir)
-    Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-    results = []
+def run_images(images: Sequence[Path], job: SegmentJob, workers: int = 1,
+               on_batch: Optional[Callable[[int, int], None]] = None) -> Iterator[Dict]:
+    """Segment each image, yielding each one's result (``Segmenter.segment``) as it
+    finishes: in this process, or shared among ``workers`` processes, each with its share
+    of the CPU threads. ``on_batch`` after each batch of prompts (in this process only)."""
+    if not images:
+        return
     if workers <= 1:
         segmenter = Segmenter(job)
         for image in images:
-            results.append(segmenter.segment(image, on_batch))
-            if on_image:
-                on_image(results[-1])
-        return results
+            yield segmenter.segment(image, on_batch)
+        return
     import multiprocessing
 
     threads = job.threads or max(1, (os.cpu_count() or 1) // workers)
     job = SegmentJob(**{**job.__dict__, "threads": threads})
     with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (job,)) as pool:
-        for result in pool.imap(_segment_in_worker, images):
-            results.append(result)
-            if on_image:
-                on_image(result)
-    return results
-
+        yield from pool.imap(_segment_in_worker, images)

@@ -1,0 +1,181 @@
+"""``sam_onnx.segment_dataset``: segment everything in a dataset of images, resumably, with
+nothing lost.
+
+Per image, the COCO-style JSON and overlay ``tools.segment`` writes (each written whole or
+not at all). In the output folder, two files of the whole dataset:
+
+- ``manifest.jsonl``: a line per image each run finished with it: ``done``, ``failed``
+  (with the one-line reason: an unreadable, truncated or oversized image does not stop the
+  run) or ``skipped`` (done before, for the same input and graphs); the input's sha256, the
+  model and graphs, the seconds it took, when. Lines are appended and flushed to disk one by
+  one: a killed run loses at most the images in flight (a half line it left is ignored).
+- ``annotations.json``: every done image's masks as one COCO dataset (images, annotations,
+  categories), rewritten whole at the end of each run. Image ids are given the first time an
+  image is recorded and kept in the manifest; an annotation's id is its image's id x 100,000
+  plus its index: the same ids on every re-run.
+
+Running the same command again resumes: images done for the same input bytes and the same
+graphs, whose outputs are there, are skipped; failed, changed and missing ones are redone.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from ..core.files import atomic_write
+from .segment import SegmentJob, check_outputs, find_images, outputs, run_images
+
+MANIFEST = "manifest.jsonl"
+ANNOTATIONS = "annotations.json"
+#: Annotation id = image id x this + the mask's index in its image.
+ANNOTATIONS_PER_IMAGE = 100_000
+
+
+@dataclass
+class Summary:
+    """What a run did: a manifest record per image, in the order given."""
+
+    records: List[Dict] = field(default_factory=list)
+
+    def count(self, status: str) -> int:
+        return sum(r["status"] == status for r in self.records)
+
+    @property
+    def ok(self) -> bool:
+        return self.count("failed") == 0
+
+    def line(self) -> str:
+        return (f"{self.count('done')} done, {self.count('failed')} failed, "
+                f"{self.count('skipped')} skipped (done before)")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def graphs_id(encoder: Path, decoder: Path) -> str:
+    """Which graphs made the masks: their names, sizes and recorded weights, hashed (the
+    encoder's weights are not read: vit_h's are 2.5 GB)."""
+    from ..graph import metadata
+    from ..graph.validate import readable
+
+    parts = []
+    for path in (Path(encoder), Path(decoder)):
+        record = metadata.read(readable(path))
+        parts.append([path.name, path.stat().st_size, record.get("weights"),
+                      record.get("contract"), record.get("model_type")])
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def read_manifest(out_dir: Path) -> Dict[str, Dict]:
+    """The latest record of each image (by file name) in ``out_dir``'s manifest; lines that
+    do not parse (a half line a killed run left) are left out."""
+    path = Path(out_dir) / MANIFEST
+    latest: Dict[str, Dict] = {}
+    if path.exists():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+                latest[record["image"]] = record
+            except (ValueError, KeyError, TypeError):
+                continue
+    return latest
+
+
+def _append(path: Path, record: Dict) -> None:
+    """One manifest line, on disk before the next image is reported."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def plan(images: Sequence[Path], out_dir: Path, graphs: str,
+         previous: Dict[str, Dict]) -> Tuple[List[Tuple[Path, Dict]], List[Dict]]:
+    """(images to segment, each with its record so far; records of images to skip): an
+    image is skipped when it was done for the same bytes and graphs and its outputs exist.
+    New images get the next free ids."""
+    next_id = 1 + max((r.get("image_id", 0) for r in previous.values()), default=0)
+    todo, skipped = [], []
+    for image in images:
+        before = previous.get(image.name, {})
+        record = {"image": image.name, "path": str(image), "sha256": file_sha256(image),
+                  "graphs": graphs, "image_id": before.get("image_id", next_id)}
+        if "image_id" not in before:
+            next_id += 1
+        if before.get("status") in ("done", "skipped") and \
+                before.get("sha256") == record["sha256"] and before.get("graphs") == graphs \
+                and all(p.exists() for p in outputs(image, out_dir)):
+            skipped.append({**before, **record, "status": "skipped", "seconds": 0.0,
+                            "at": time.time()})
+        else:
+            todo.append((image, record))
+    return todo, skipped
+
+
+def write_annotations(out_dir: Path, records: Iterable[Dict]) -> Path:
+    """annotations.json from the per-image JSON of every done (or skipped) image."""
+    images, annotations = [], []
+    for record in sorted(records, key=lambda r: r["image_id"]):
+        source = Path(out_dir) / f"{Path(record['image']).stem}.json"
+        if record["status"] not in ("done", "skipped") or not source.exists():
+            continue  # failed, or its outputs removed since
+        doc = json.loads(source.read_text())
+        image_id = record["image_id"]
+        images.append({"id": image_id, **doc["image"]})
+        annotations += [{**ann, "id": image_id * ANNOTATIONS_PER_IMAGE + ann["id"],
+                         "image_id": image_id, "category_id": 1}
+                        for ann in doc["annotations"]]
+    dataset = {"info": {"description": "sam-onnx segment: automatic masks"},
+               "images": images, "annotations": annotations,
+               "categories": [{"id": 1, "name": "object"}]}
+    path = Path(out_dir) / ANNOTATIONS
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(dataset) + "\n"),
+                 "pick a writable --out folder")
+    return path
+
+
+def segment_dataset(inputs: Iterable, out_dir, encoder, decoder, *,
+                    generator: Optional[Dict] = None, workers: int = 1,
+                    providers: Sequence[str] = ("cuda", "cpu"),
+                    on_image: Optional[Callable[[Dict], None]] = None,
+                    on_batch: Optional[Callable[[int, int], None]] = None) -> Summary:
+    """Segment every image of ``inputs`` (files, folders of images) into ``out_dir``; see the
+    module docstring. ``generator``: SamOnnxAutomaticMaskGenerator's keyword arguments;
+    ``workers``: processes sharing the images; ``on_image`` gets each manifest record."""
+    out = Path(out_dir)
+    images = find_images(inputs)
+    check_outputs(images, out)
+    out.mkdir(parents=True, exist_ok=True)
+    graphs = graphs_id(encoder, decoder)
+    previous = read_manifest(out)
+    todo, skipped = plan(images, out, graphs, previous)
+    summary = Summary()
+    manifest = out / MANIFEST
+    for record in skipped:
+        _append(manifest, record)
+        summary.records.append(record)
+        if on_image:
+            on_image(record)
+    job = SegmentJob(encoder, decoder, out, generator or {}, providers)
+    known = dict(todo)
+    try:
+        for result in run_images([image for image, _ in todo], job, workers, on_batch):
+            record = {**known[result.pop("image_path")], **result, "at": time.time()}
+            _append(manifest, record)
+            summary.records.append(record)
+            if on_image:
+                on_image(record)
+    finally:  # what finished is in the dataset file too, also after Ctrl-C
+        latest = {**previous, **{r["image"]: r for r in summary.records}}
+        write_annotations(out, latest.values())
+    return summary

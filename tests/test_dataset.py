@@ -1,0 +1,113 @@
+"""``sam-onnx segment`` over a dataset: failed images recorded and the run going on, the
+manifest and annotations.json, resuming, and a killed run losing nothing it finished."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import run_cli
+from PIL import Image
+
+import sam_onnx
+from sam_onnx.runtime.images import synthetic
+from sam_onnx.tools.dataset import ANNOTATIONS, ANNOTATIONS_PER_IMAGE, MANIFEST, read_manifest
+
+FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
+
+
+@pytest.fixture(scope="module")
+def graphs(tiny_export, tiny_batched):
+    return ["--encoder", tiny_export[0] / "tiny_encoder.onnx", "--decoder", tiny_batched]
+
+
+def _images(folder, n=4, corrupt=()):
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        Image.fromarray(synthetic(120 + 10 * i, 160)).save(folder / f"img{i}.png")
+    for name in corrupt:
+        good = (folder / "img0.png").read_bytes()
+        (folder / name).write_bytes(good[: len(good) // 3])  # truncated
+    return folder
+
+
+def _manifest_lines(out):
+    return [json.loads(line) for line in (out / MANIFEST).read_text().splitlines()]
+
+
+def test_a_corrupt_image_is_recorded_the_others_done_and_a_rerun_redoes_only_it(graphs,
+                                                                               tmp_path):
+    folder = _images(tmp_path / "imgs", corrupt=["broken.png"])
+    out = tmp_path / "out"
+    proc = run_cli("segment", folder, *graphs, "--out", out, *FAST)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "4 done, 1 failed, 0 skipped" in proc.stdout
+    latest = read_manifest(out)
+    assert latest["broken.png"]["status"] == "failed"
+    assert "broken.png" in latest["broken.png"]["reason"] or "truncated" in \
+        latest["broken.png"]["reason"]
+    assert {k for k, r in latest.items() if r["status"] == "done"} == \
+        {f"img{i}.png" for i in range(4)}
+    dataset = json.loads((out / ANNOTATIONS).read_text())
+    assert sorted(i["file_name"] for i in dataset["images"]) == [f"img{i}.png" for i in range(4)]
+    first_ids = {i["file_name"]: i["id"] for i in dataset["images"]}
+    ann_ids = sorted(a["id"] for a in dataset["annotations"])
+    assert len(set(ann_ids)) == len(ann_ids) and dataset["annotations"]
+    for ann in dataset["annotations"]:
+        assert ann["id"] // ANNOTATIONS_PER_IMAGE == ann["image_id"]
+
+    rerun = run_cli("segment", folder, *graphs, "--out", out, *FAST)
+    assert rerun.returncode == 1 and "0 done, 1 failed, 4 skipped" in rerun.stdout
+
+    Image.fromarray(synthetic(100, 100)).save(folder / "broken.png")  # fixed
+    (folder / "img1.png").write_bytes((folder / "img2.png").read_bytes())  # changed
+    third = run_cli("segment", folder, *graphs, "--out", out, *FAST)
+    assert third.returncode == 0, third.stderr
+    assert "2 done, 0 failed, 3 skipped" in third.stdout
+    dataset = json.loads((out / ANNOTATIONS).read_text())
+    ids = {i["file_name"]: i["id"] for i in dataset["images"]}
+    assert {k: ids[k] for k in first_ids} == first_ids  # ids stable across re-runs
+    assert len(ids) == 5 and len(set(ids.values())) == 5
+
+
+def test_other_graphs_redo_every_image(graphs, tiny_export, tmp_path):
+    folder = _images(tmp_path / "imgs", n=2)
+    out = tmp_path / "out"
+    assert run_cli("segment", folder, *graphs, "--out", out, *FAST).returncode == 0
+    official = ["--encoder", graphs[1], "--decoder", tiny_export[0] / "tiny_decoder_official.onnx"]
+    proc = run_cli("segment", folder, *official, "--out", out, *FAST)
+    assert proc.returncode == 0 and "2 done, 0 failed, 0 skipped" in proc.stdout
+
+
+def test_a_killed_run_resumes_without_losing_or_repeating_an_image(graphs, tmp_path):
+    folder = _images(tmp_path / "imgs", n=6)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sam_onnx.cli", "segment", str(folder),
+                             *map(str, graphs), "--out", str(out), "--points-per-side", "8"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (out / MANIFEST).exists() or not _manifest_lines(out):
+        assert time.time() < deadline and proc.poll() is None, "no image was finished"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    finished = {r["image"] for r in _manifest_lines(out)}
+    assert 1 <= len(finished) < 6
+    rerun = run_cli("segment", folder, *graphs, "--out", out, "--points-per-side", "8")
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{len(finished)} skipped" in rerun.stdout
+    dataset = json.loads((out / ANNOTATIONS).read_text())
+    names = [i["file_name"] for i in dataset["images"]]
+    assert sorted(names) == [f"img{i}.png" for i in range(6)]  # each image exactly once
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no part file left
+
+
+def test_segment_dataset_is_the_librarys_call(graphs, tmp_path):
+    folder = _images(tmp_path / "imgs", n=2, corrupt=["bad.png"])
+    summary = sam_onnx.segment_dataset(
+        [folder], tmp_path / "out", graphs[1], graphs[3], providers=("cpu",),
+        generator=dict(points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0))
+    assert not summary.ok and summary.line() == "2 done, 1 failed, 0 skipped (done before)"
+    assert [r["status"] for r in summary.records].count("done") == 2
