@@ -373,11 +373,19 @@ def _bbox(mask) -> list:
 @click.option("--use-m2m", is_flag=True,
               help="Refine every mask once with itself as the mask prompt (SAM 2's option).")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
-              help="Processes sharing the images, each with its share of the CPU threads.")
+              help="Processes (local engine) or Ray actors (ray engine) sharing the images, "
+                   "each with its share of the CPU threads.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
+              show_default=True,
+              help="local: this process or --workers processes; ray: Ray Data (pip install "
+                   "'sam-onnx[ray]'), a local Ray unless --address.")
+@click.option("--address", help="With --engine ray: the cluster to join (auto, "
+                                "ray://host:port); default: start a local Ray.")
 @_expected_errors("images finished before it keep their JSON and overlay and are in "
                   "manifest.jsonl and annotations.json; none is half-written; run the same "
                   "command again to go on")
-def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) -> None:
+def segment(inputs, encoder, decoder, out_dir, workers, engine, address, providers,
+            **generator) -> None:
     """Segment everything in each image (files or folders of images): segment_anything's
     automatic mask generator on ONNX Runtime; best with a batched decoder (export
     --decoder-contract batched). Writes IMAGE.json and IMAGE.png per image, and
@@ -405,7 +413,8 @@ def segment(inputs, encoder, decoder, out_dir, workers, providers, **generator) 
             prompts.n = 0
 
         summary = segment_dataset(inputs, out_dir, encoder, decoder, generator=generator,
-                                  workers=workers, providers=_providers(providers),
+                                  workers=workers, engine=engine, address=address,
+                                  providers=_providers(providers),
                                   on_image=on_image, on_batch=on_batch)
     click.echo(f"segment: {summary.line()}; per image JSON and overlays, manifest.jsonl and "
                f"annotations.json in {out_dir}")

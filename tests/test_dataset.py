@@ -1,6 +1,7 @@
 """``sam-onnx segment`` over a dataset: failed images recorded and the run going on, the
 manifest and annotations.json, resuming, and a killed run losing nothing it finished."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -111,3 +112,79 @@ def test_segment_dataset_is_the_librarys_call(graphs, tmp_path):
         generator=dict(points_per_side=4, pred_iou_thresh=0, stability_score_thresh=0))
     assert not summary.ok and summary.line() == "2 done, 1 failed, 0 skipped (done before)"
     assert [r["status"] for r in summary.records].count("done") == 2
+
+
+# -- the Ray engine (a local Ray, started by the command itself) ---------------------------
+def _ray():
+    return pytest.importorskip("ray.data", reason="the ray extra is not installed")
+
+
+def test_ray_engine_records_a_corrupt_image_and_a_rerun_redoes_only_it(graphs, tmp_path):
+    _ray()
+    folder = _images(tmp_path / "imgs", corrupt=["broken.png"])
+    out = tmp_path / "out"
+    proc = run_cli("segment", folder, *graphs, "--out", out, *FAST, "--engine", "ray",
+                   "--workers", "2", timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert "4 done, 1 failed, 0 skipped" in proc.stdout
+    rerun = run_cli("segment", folder, *graphs, "--out", out, *FAST, "--engine", "ray",
+                    timeout=600)
+    assert rerun.returncode == 1 and "0 done, 1 failed, 4 skipped" in rerun.stdout
+
+
+def test_ray_engine_records_equal_the_local_engines(graphs, tmp_path):
+    _ray()
+    from sam_onnx.core.parity import compare_records
+    from sam_onnx.runtime import amg
+
+    folder = _images(tmp_path / "imgs", n=3)
+    for engine in ("local", "ray"):
+        proc = run_cli("segment", folder, *graphs, "--out", tmp_path / engine, *FAST,
+                       "--engine", engine, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def records(engine, stem):
+        doc = json.loads((tmp_path / engine / f"{stem}.json").read_text())
+        return [{**a, "segmentation": amg.rle_to_mask(amg.coco_decode_rle(a["segmentation"]))}
+                for a in doc["annotations"]]
+
+    for i in range(3):
+        local, ray = records("local", f"img{i}"), records("ray", f"img{i}")
+        parity = compare_records(local, ray)
+        assert len(local) == len(ray) and parity.passed and parity.min_iou >= 0.99
+
+
+def test_ray_engine_survives_a_killed_actor_each_image_exactly_once(graphs, tmp_path):
+    _ray()
+    folder = _images(tmp_path / "imgs", n=6)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "sam_onnx.cli", "segment", str(folder),
+                             *map(str, graphs), "--out", str(out), "--points-per-side", "12",
+                             "--engine", "ray", "--workers", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (out / MANIFEST).exists() or not _manifest_lines(out):
+            assert time.time() < deadline and proc.poll() is None, "no image was finished"
+            time.sleep(0.1)
+        actors = subprocess.run(["pgrep", "-f", "MapWorker"], capture_output=True, text=True)
+        pids = [int(p) for p in actors.stdout.split()]
+        assert pids, "no Ray Data actor process found"
+        os.kill(pids[0], signal.SIGKILL)
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "6 done, 0 failed" in stdout
+    assert sorted(r["image"] for r in _manifest_lines(out)) == [f"img{i}.png" for i in range(6)]
+    dataset = json.loads((out / ANNOTATIONS).read_text())
+    assert sorted(i["file_name"] for i in dataset["images"]) == [f"img{i}.png" for i in range(6)]
+
+
+def test_ray_engine_without_ray_or_with_a_stray_address_says_what_to_do(graphs, tmp_path):
+    folder = _images(tmp_path / "imgs", n=1)
+    proc = run_cli("segment", folder, *graphs, "--out", tmp_path / "o", "--address", "auto")
+    assert proc.returncode == 1 and "--address is a Ray cluster's: add --engine ray" in \
+        proc.stderr

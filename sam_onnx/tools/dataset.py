@@ -16,6 +16,12 @@ not at all). In the output folder, two files of the whole dataset:
 
 Running the same command again resumes: images done for the same input bytes and the same
 graphs, whose outputs are there, are skipped; failed, changed and missing ones are redone.
+
+Engines: ``local`` (this process, or ``workers`` processes sharing the images) and ``ray``
+(Ray Data: the images a dataset, ``map_batches`` on a pool of ``workers`` actors, each
+loading the sessions once; a local Ray is started when no ``address`` is given, else the
+cluster at ``address`` is joined). Either way this process writes the manifest and
+annotations.json; the workers write each image's files.
 """
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from ..core.errors import SamOnnxError
 from ..core.files import atomic_write
 from .segment import SegmentJob, check_outputs, find_images, outputs, run_images
 
@@ -146,12 +153,20 @@ def write_annotations(out_dir: Path, records: Iterable[Dict]) -> Path:
 
 def segment_dataset(inputs: Iterable, out_dir, encoder, decoder, *,
                     generator: Optional[Dict] = None, workers: int = 1,
+                    engine: str = "local", address: Optional[str] = None,
                     providers: Sequence[str] = ("cuda", "cpu"),
                     on_image: Optional[Callable[[Dict], None]] = None,
                     on_batch: Optional[Callable[[int, int], None]] = None) -> Summary:
     """Segment every image of ``inputs`` (files, folders of images) into ``out_dir``; see the
     module docstring. ``generator``: SamOnnxAutomaticMaskGenerator's keyword arguments;
-    ``workers``: processes sharing the images; ``on_image`` gets each manifest record."""
+    ``workers``: processes (local) or actors (ray) sharing the images; ``address``: the Ray
+    cluster to join (``auto``, ``ray://host:port``); ``on_image`` gets each manifest record."""
+    if engine not in ENGINES:
+        raise SamOnnxError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
+    if address is not None and engine != "ray":
+        raise SamOnnxError("--address is a Ray cluster's: add --engine ray")
+    if engine == "ray":
+        require_ray()
     out = Path(out_dir)
     images = find_images(inputs)
     check_outputs(images, out)
@@ -169,7 +184,10 @@ def segment_dataset(inputs: Iterable, out_dir, encoder, decoder, *,
     job = SegmentJob(encoder, decoder, out, generator or {}, providers)
     known = dict(todo)
     try:
-        for result in run_images([image for image, _ in todo], job, workers, on_batch):
+        images_todo = [image for image, _ in todo]
+        results = run_images(images_todo, job, workers, on_batch) if engine == "local" else \
+            run_on_ray(images_todo, job, workers, address)
+        for result in results:
             record = {**known[result.pop("image_path")], **result, "at": time.time()}
             _append(manifest, record)
             summary.records.append(record)
@@ -179,3 +197,73 @@ def segment_dataset(inputs: Iterable, out_dir, encoder, decoder, *,
         latest = {**previous, **{r["image"]: r for r in summary.records}}
         write_annotations(out, latest.values())
     return summary
+
+
+ENGINES = ("local", "ray")
+
+
+def require_ray() -> None:
+    """Ray Data is an extra: say which, in one line, before any work."""
+    from importlib.util import find_spec
+
+    if find_spec("ray") is None or find_spec("ray.data") is None:
+        raise SamOnnxError("--engine ray needs Ray Data: pip install 'sam-onnx[ray]' "
+                           "(or --engine local)")
+
+
+class _RayWorker:
+    """A Ray Data actor: one Segmenter (one pair of sessions) for every image it gets."""
+
+    def __init__(self, job: SegmentJob) -> None:
+        from .segment import Segmenter
+
+        self.segmenter = Segmenter(job)
+
+    def __call__(self, batch: Dict) -> Dict:
+        rows = [self.segmenter.segment(Path(path)) for path in batch["path"]]
+        return {"path": [str(r["image_path"]) for r in rows],
+                "status": [r["status"] for r in rows],
+                "masks": [r.get("masks", -1) for r in rows],
+                "reason": [r.get("reason", "") for r in rows],
+                "seconds": [r["seconds"] for r in rows]}
+
+
+def run_on_ray(images: Sequence[Path], job: SegmentJob, actors: int,
+               address: Optional[str]) -> Iterator[Dict]:
+    """Segment the images on Ray Data, yielding each one's result as it comes back. A local
+    Ray (started here, stopped at the end) gets the actors fractional CPUs: on 2 cores two
+    1-CPU actors leave none to Ray Data's read task, and the run hangs (measured); half a
+    core is kept for it. A dying actor is restarted and its image retried by Ray."""
+    import ray
+
+    if not images:
+        return
+    cores = os.cpu_count() or 1
+    owned = not ray.is_initialized()
+    if owned:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        total = ray.cluster_resources().get("CPU", cores)
+        threads = job.threads or max(1, cores // actors)
+        job = SegmentJob(**{**job.__dict__, "threads": threads})
+        dataset = ray.data.from_items([{"path": str(p)} for p in images],
+                                      override_num_blocks=len(images))
+        # Ray Data restarts a dying actor and retries its image (max_restarts and
+        # max_task_retries are -1 for actor pools by default)
+        results = dataset.map_batches(
+            _RayWorker, fn_constructor_kwargs={"job": job}, batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=max(0.25, (total - 0.5) / actors))
+        for row in results.iter_rows():
+            result = {"image_path": Path(row["path"]), "status": row["status"],
+                      "seconds": float(row["seconds"])}
+            if row["status"] == "done":
+                result["masks"] = int(row["masks"])
+            else:
+                result["reason"] = row["reason"]
+            yield result
+    finally:
+        if owned:
+            ray.shutdown()
