@@ -74,3 +74,20 @@ def tiny_batched(tmp_path_factory, tiny_checkpoint) -> Path:
     sam_onnx.export("tiny", checkpoint=tiny_checkpoint, out_dir=out, encoder=False,
                     decoder_contract="batched", isolate=False)
     return out / "tiny_decoder_batched.onnx"
+
+
+@pytest.fixture(scope="session")
+def samexporter_code(tmp_path_factory) -> Path:
+    """samexporter 0.5.0's code, from its wheel (its pins, torch 2.10 among them, keep it out
+    of our environment; the code is pure Python): a folder to put on PYTHONPATH."""
+    import zipfile
+
+    tmp = tmp_path_factory.mktemp("samexporter")
+    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
+                          str(tmp), "samexporter==0.5.0"], capture_output=True, text=True,
+                         timeout=300)
+    if got.returncode != 0:
+        pytest.skip(f"samexporter's wheel is not reachable: {got.stderr.strip()[-200:]}")
+    (wheel,) = tmp.glob("*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp / "code")
+    return tmp / "code"

@@ -5,7 +5,6 @@ import os
 import shlex
 import subprocess
 import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -193,21 +192,6 @@ def test_the_automatic_mask_generator_runs_a_single_mask_decoder(client_export):
     records = generator.generate(synthetic(200, 300))
     assert records and all(r["segmentation"].shape == (200, 300) for r in records)
     assert len(records) <= 16  # one mask a point at most
-
-
-@pytest.fixture(scope="module")
-def samexporter_code(tmp_path_factory) -> Path:
-    """samexporter 0.5.0's code, from its wheel (its pins keep it out of our environment; the
-    code is pure Python)."""
-    tmp = tmp_path_factory.mktemp("samexporter")
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                          str(tmp), "samexporter==0.5.0"], capture_output=True, text=True,
-                         timeout=300)
-    if got.returncode != 0:
-        pytest.skip(f"samexporter's wheel is not reachable: {got.stderr.strip()[-200:]}")
-    (wheel,) = tmp.glob("*.whl")
-    zipfile.ZipFile(wheel).extractall(tmp / "code")
-    return tmp / "code"
 
 
 def test_samexporters_single_mask_decoder_is_recognised_and_its_crop_found(samexporter_code,

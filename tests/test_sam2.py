@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -68,22 +67,14 @@ def torch_model(checkpoint):
 
 
 @pytest.fixture(scope="module")
-def samexporter(checkpoint, tmp_path_factory):
-    """The encoder and decoder samexporter 0.5.0's own export_sam2 writes, run from its wheel
-    (its pins, torch 2.10 among them, keep it out of our environment; the code is pure
-    Python)."""
-    tmp = tmp_path_factory.mktemp("samexporter")
-    got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d",
-                          str(tmp), "samexporter==0.5.0"], capture_output=True, text=True,
-                         timeout=300)
-    if got.returncode != 0:
-        pytest.skip(f"samexporter's wheel is not reachable: {got.stderr.strip()[-200:]}")
-    (wheel,) = tmp.glob("*.whl")
-    zipfile.ZipFile(wheel).extractall(tmp / "code")
+def samexporter(checkpoint, samexporter_code, tmp_path_factory):
+    """The encoder and decoder samexporter 0.5.0's own export_sam2 writes, run from its
+    wheel."""
+    tmp = tmp_path_factory.mktemp("samexporter_sam2")
     enc, dec = tmp / "encoder.onnx", tmp / "decoder.onnx"
     proc = run_cli("--checkpoint", checkpoint, "--output_encoder", enc, "--output_decoder", dec,
                    "--model_type", MODEL, module="samexporter.export_sam2",
-                   env={"PYTHONPATH": str(tmp / "code")})
+                   env={"PYTHONPATH": str(samexporter_code)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     return enc, dec
 

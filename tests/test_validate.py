@@ -60,15 +60,16 @@ def test_the_seeds_failure_four_input_decoder_fed_six_keys(exported):
     assert all(f["ort_error"].startswith("Invalid input name") for f in extra)
 
 
-def test_renamed_inputs_are_reported_with_the_near_miss(exported, tmp_path):
-    def rename(model):
-        for value in model.graph.input:
-            if value.name == "point_labels":
-                value.name = "point_label"
-        for node in model.graph.node:
-            node.input[:] = ["point_label" if i == "point_labels" else i for i in node.input]
+def _point_label_renamed(model):
+    for value in model.graph.input:
+        if value.name == "point_labels":
+            value.name = "point_label"
+    for node in model.graph.node:
+        node.input[:] = ["point_label" if i == "point_labels" else i for i in node.input]
 
-    path = _mutated(exported["official"], tmp_path, rename)
+
+def test_renamed_inputs_are_reported_with_the_near_miss(exported, tmp_path):
+    path = _mutated(exported["official"], tmp_path, _point_label_renamed)
     report = sam_onnx.validate(path, feed="official")
     assert "SAM020" in _codes(report) and "SAM021" in _codes(report)
     unexpected = next(f for f in report.findings if f.code == "SAM021")
@@ -301,11 +302,7 @@ def _newer_ir(model):
 
 
 def _renamed_and_static(model):
-    for value in model.graph.input:
-        if value.name == "point_labels":
-            value.name = "point_label"
-    for node in model.graph.node:
-        node.input[:] = ["point_label" if i == "point_labels" else i for i in node.input]
+    _point_label_renamed(model)
     static_points(3, ("point_coords", "point_label"))(model)
 
 

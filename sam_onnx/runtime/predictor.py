@@ -151,6 +151,26 @@ def check_labels(labels: np.ndarray, with_box: bool = False) -> None:
                            "give the box as a box (box=, --box) instead")
 
 
+def _points(point_coords, point_labels, with_box: bool, shape: str, parts: list,
+            labels: list) -> bool:
+    """Checked points (``shape`` "N": Nx2 coords and N labels; "BxN": a row per prompt)
+    appended to ``parts`` and ``labels``; whether there were any."""
+    if (point_coords is None) != (point_labels is None):
+        raise SamOnnxError("point_coords and point_labels go together: pass both or neither")
+    if point_coords is None:
+        return False
+    coords = np.asarray(point_coords, dtype=np.float64)
+    lab = np.asarray(point_labels, dtype=np.float64)
+    if coords.ndim != len(shape.split("x")) + 1 or coords.shape[-1] != 2 or \
+            lab.shape != coords.shape[:-1]:
+        raise SamOnnxError(f"point_coords must be {shape}x2 and point_labels {shape}; got "
+                           f"{coords.shape} and {lab.shape}")
+    check_labels(lab, with_box=with_box)
+    parts.append(coords)
+    labels.append(lab)
+    return True
+
+
 def check_prompt(point_coords=None, point_labels=None, box=None,
                  image_size: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, np.ndarray]:
     """A prompt as SamPredictor.predict takes it -> (coords Nx2, labels N) in the image's
@@ -158,17 +178,7 @@ def check_prompt(point_coords=None, point_labels=None, box=None,
     is wrong. It needs no graph, so a command checks its prompt before the encoder's seconds
     (with ``image_size``, (h, w), also that the points lie near the image)."""
     parts, labels = [], []
-    if (point_coords is None) != (point_labels is None):
-        raise SamOnnxError("point_coords and point_labels go together: pass both or neither")
-    if point_coords is not None:
-        coords = np.asarray(point_coords, dtype=np.float64)
-        lab = np.asarray(point_labels, dtype=np.float64)
-        if coords.ndim != 2 or coords.shape[1] != 2 or lab.shape != (coords.shape[0],):
-            raise SamOnnxError(f"point_coords must be Nx2 and point_labels N; got "
-                               f"{coords.shape} and {lab.shape}")
-        check_labels(lab, with_box=box is not None)
-        parts.append(coords)
-        labels.append(lab)
+    _points(point_coords, point_labels, box is not None, "N", parts, labels)
     if box is not None:
         b = np.asarray(box, dtype=np.float64).reshape(-1)
         if b.shape != (4,):
@@ -429,20 +439,10 @@ class SamOnnxPredictor:
     def _batch_prompts(point_coords, point_labels, boxes) -> Tuple[np.ndarray, np.ndarray]:
         """predict_batch's prompts -> coords (B, N, 2) and labels (B, N) in the image's
         pixels: the points, then each box's corners (labels 2, 3)."""
-        if (point_coords is None) != (point_labels is None):
-            raise SamOnnxError("point_coords and point_labels go together: pass both or neither")
-        if point_coords is None and boxes is None:
-            raise SamOnnxError("give prompts: point_coords with point_labels, and/or boxes")
         parts, labels = [], []
-        if point_coords is not None:
-            coords = np.asarray(point_coords, np.float64)
-            lab = np.asarray(point_labels, np.float64)
-            if coords.ndim != 3 or coords.shape[2] != 2 or lab.shape != coords.shape[:2]:
-                raise SamOnnxError(f"point_coords must be BxNx2 and point_labels BxN; got "
-                                   f"{coords.shape} and {lab.shape}")
-            check_labels(lab, with_box=boxes is not None)
-            parts.append(coords)
-            labels.append(lab)
+        if not _points(point_coords, point_labels, boxes is not None, "BxN", parts, labels) \
+                and boxes is None:
+            raise SamOnnxError("give prompts: point_coords with point_labels, and/or boxes")
         if boxes is not None:
             box = np.asarray(boxes, np.float64)
             rows = len(parts[0]) if parts else len(box)
