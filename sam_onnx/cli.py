@@ -375,6 +375,8 @@ def _bbox(mask) -> list:
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True,
               help="Processes (local engine) or Ray actors (ray engine) sharing the images, "
                    "each with its share of the CPU threads.")
+@click.option("--threads", type=click.IntRange(0), default=0, show_default=True,
+              help="ONNX Runtime threads per worker; 0: the cores shared among --workers.")
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local",
               show_default=True,
               help="local: this process or --workers processes; ray: Ray Data (pip install "
@@ -384,7 +386,7 @@ def _bbox(mask) -> list:
 @_expected_errors("images finished before it keep their JSON and overlay and are in "
                   "manifest.jsonl and annotations.json; none is half-written; run the same "
                   "command again to go on")
-def segment(inputs, encoder, decoder, out_dir, workers, engine, address, providers,
+def segment(inputs, encoder, decoder, out_dir, workers, threads, engine, address, providers,
             **generator) -> None:
     """Segment everything in each image (files or folders of images): segment_anything's
     automatic mask generator on ONNX Runtime; best with a batched decoder (export
@@ -413,7 +415,8 @@ def segment(inputs, encoder, decoder, out_dir, workers, engine, address, provide
             prompts.n = 0
 
         summary = segment_dataset(inputs, out_dir, encoder, decoder, generator=generator,
-                                  workers=workers, engine=engine, address=address,
+                                  workers=workers, threads=threads, engine=engine,
+                                  address=address,
                                   providers=_providers(providers),
                                   on_image=on_image, on_batch=on_batch)
     click.echo(f"segment: {summary.line()}; per image JSON and overlays, manifest.jsonl and "

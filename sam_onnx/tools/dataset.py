@@ -152,14 +152,15 @@ def write_annotations(out_dir: Path, records: Iterable[Dict]) -> Path:
 
 
 def segment_dataset(inputs: Iterable, out_dir, encoder, decoder, *,
-                    generator: Optional[Dict] = None, workers: int = 1,
+                    generator: Optional[Dict] = None, workers: int = 1, threads: int = 0,
                     engine: str = "local", address: Optional[str] = None,
                     providers: Sequence[str] = ("cuda", "cpu"),
                     on_image: Optional[Callable[[Dict], None]] = None,
                     on_batch: Optional[Callable[[int, int], None]] = None) -> Summary:
     """Segment every image of ``inputs`` (files, folders of images) into ``out_dir``; see the
     module docstring. ``generator``: SamOnnxAutomaticMaskGenerator's keyword arguments;
-    ``workers``: processes (local) or actors (ray) sharing the images; ``address``: the Ray
+    ``workers``: processes (local) or actors (ray) sharing the images, ``threads`` ONNX
+    Runtime's threads in each (0: the cores shared among them); ``address``: the Ray
     cluster to join (``auto``, ``ray://host:port``); ``on_image`` gets each manifest record."""
     if engine not in ENGINES:
         raise SamOnnxError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINES)}")
@@ -181,7 +182,7 @@ def segment_dataset(inputs: Iterable, out_dir, encoder, decoder, *,
         summary.records.append(record)
         if on_image:
             on_image(record)
-    job = SegmentJob(encoder, decoder, out, generator or {}, providers)
+    job = SegmentJob(encoder, decoder, out, generator or {}, providers, threads)
     known = dict(todo)
     try:
         images_todo = [image for image, _ in todo]
