@@ -18,6 +18,11 @@ from sam_onnx.tools.dataset import ANNOTATIONS, ANNOTATIONS_PER_IMAGE, MANIFEST,
 FAST = ["--points-per-side", "4", "--pred-iou-thresh", "0", "--stability-score-thresh", "0"]
 
 
+def _ray():
+    """The Ray engine's tests need the ray extra (in dev: CI has it)."""
+    return pytest.importorskip("ray.data", reason="the ray extra is not installed")
+
+
 @pytest.fixture(scope="module")
 def graphs(tiny_export, tiny_batched):
     return ["--encoder", tiny_export[0] / "tiny_encoder.onnx", "--decoder", tiny_batched]
@@ -47,6 +52,8 @@ def test_a_corrupt_image_is_recorded_the_others_done_and_a_rerun_redoes_only_it(
     assert "4 done, 1 failed, 0 skipped" in proc.stdout
     latest = read_manifest(out)
     assert latest["broken.png"]["status"] == "failed"
+    assert {r["model"] for r in latest.values()} == {"tiny"}
+    assert all(len(r["sha256"]) == 64 and r["graphs"] for r in latest.values())
     assert "broken.png" in latest["broken.png"]["reason"] or "truncated" in \
         latest["broken.png"]["reason"]
     assert {k for k, r in latest.items() if r["status"] == "done"} == \
@@ -82,11 +89,17 @@ def test_other_graphs_redo_every_image(graphs, tiny_export, tmp_path):
     assert proc.returncode == 0 and "2 done, 0 failed, 0 skipped" in proc.stdout
 
 
-def test_a_killed_run_resumes_without_losing_or_repeating_an_image(graphs, tmp_path):
+@pytest.mark.parametrize("engine", ["local", "ray"])
+def test_a_killed_run_resumes_without_losing_or_repeating_an_image(graphs, tmp_path, engine):
+    """SIGKILL of the command mid-run (for Ray, the driver: the local Ray it started goes
+    with it), then the same command: every image once in annotations.json."""
+    if engine == "ray":
+        _ray()
     folder = _images(tmp_path / "imgs", n=6)
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "sam_onnx.cli", "segment", str(folder),
-                             *map(str, graphs), "--out", str(out), "--points-per-side", "8"],
+                             *map(str, graphs), "--out", str(out), "--points-per-side", "8",
+                             "--engine", engine],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while not (out / MANIFEST).exists() or not _manifest_lines(out):
@@ -96,8 +109,9 @@ def test_a_killed_run_resumes_without_losing_or_repeating_an_image(graphs, tmp_p
     proc.wait(timeout=30)
     finished = {r["image"] for r in _manifest_lines(out)}
     assert 1 <= len(finished) < 6
-    rerun = run_cli("segment", folder, *graphs, "--out", out, "--points-per-side", "8")
-    assert rerun.returncode == 0, rerun.stderr
+    rerun = run_cli("segment", folder, *graphs, "--out", out, "--points-per-side", "8",
+                    "--engine", engine, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert f"{len(finished)} skipped" in rerun.stdout
     dataset = json.loads((out / ANNOTATIONS).read_text())
     names = [i["file_name"] for i in dataset["images"]]
@@ -115,10 +129,6 @@ def test_segment_dataset_is_the_librarys_call(graphs, tmp_path):
 
 
 # -- the Ray engine (a local Ray, started by the command itself) ---------------------------
-def _ray():
-    return pytest.importorskip("ray.data", reason="the ray extra is not installed")
-
-
 def test_ray_engine_records_a_corrupt_image_and_a_rerun_redoes_only_it(graphs, tmp_path):
     _ray()
     folder = _images(tmp_path / "imgs", corrupt=["broken.png"])

@@ -7,8 +7,9 @@ not at all). In the output folder, two files of the whole dataset:
 - ``manifest.jsonl``: a line per image each run finished with it: ``done``, ``failed``
   (with the one-line reason: an unreadable, truncated or oversized image does not stop the
   run) or ``skipped`` (done before, for the same input and graphs); the input's sha256, the
-  model and graphs, the seconds it took, when. Lines are appended and flushed to disk one by
-  one: a killed run loses at most the images in flight (a half line it left is ignored).
+  model and a hash of the graphs, the seconds it took, when. Lines are appended and flushed
+  to disk one by one: a killed run loses at most the images in flight (a half line it left
+  is ignored).
 - ``annotations.json``: every done image's masks as one COCO dataset (images, annotations,
   categories), rewritten whole at the end of each run. Image ids are given the first time an
   image is recorded and kept in the manifest; an annotation's id is its image's id x 100,000
@@ -69,9 +70,10 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def graphs_id(encoder: Path, decoder: Path) -> str:
-    """Which graphs made the masks: their names, sizes and recorded weights, hashed (the
-    encoder's weights are not read: vit_h's are 2.5 GB)."""
+def graphs_id(encoder: Path, decoder: Path) -> Dict[str, str]:
+    """Which model and graphs made the masks: the model the graphs record, and their names,
+    sizes and recorded weights, hashed (the encoder's weights are not read: vit_h's are
+    2.5 GB)."""
     from ..graph import metadata
     from ..graph.validate import readable
 
@@ -80,7 +82,8 @@ def graphs_id(encoder: Path, decoder: Path) -> str:
         record = metadata.read(readable(path))
         parts.append([path.name, path.stat().st_size, record.get("weights"),
                       record.get("contract"), record.get("model_type")])
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+    return {"model": parts[1][4] or "unrecorded",
+            "graphs": hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}
 
 
 def read_manifest(out_dir: Path) -> Dict[str, Dict]:
@@ -106,7 +109,7 @@ def _append(path: Path, record: Dict) -> None:
         os.fsync(f.fileno())
 
 
-def plan(images: Sequence[Path], out_dir: Path, graphs: str,
+def plan(images: Sequence[Path], out_dir: Path, graphs: Dict[str, str],
          previous: Dict[str, Dict]) -> Tuple[List[Tuple[Path, Dict]], List[Dict]]:
     """(images to segment, each with its record so far; records of images to skip): an
     image is skipped when it was done for the same bytes and graphs and its outputs exist.
@@ -116,11 +119,12 @@ def plan(images: Sequence[Path], out_dir: Path, graphs: str,
     for image in images:
         before = previous.get(image.name, {})
         record = {"image": image.name, "path": str(image), "sha256": file_sha256(image),
-                  "graphs": graphs, "image_id": before.get("image_id", next_id)}
+                  **graphs, "image_id": before.get("image_id", next_id)}
         if "image_id" not in before:
             next_id += 1
         if before.get("status") in ("done", "skipped") and \
-                before.get("sha256") == record["sha256"] and before.get("graphs") == graphs \
+                before.get("sha256") == record["sha256"] and \
+                before.get("graphs") == graphs["graphs"] \
                 and all(p.exists() for p in outputs(image, out_dir)):
             skipped.append({**before, **record, "status": "skipped", "seconds": 0.0,
                             "at": time.time()})
