@@ -198,3 +198,22 @@ def test_ray_engine_without_ray_or_with_a_stray_address_says_what_to_do(graphs, 
     proc = run_cli("segment", folder, *graphs, "--out", tmp_path / "o", "--address", "auto")
     assert proc.returncode == 1 and "--address is a Ray cluster's: add --engine ray" in \
         proc.stderr
+
+
+def test_images_from_globs_and_list_files_and_a_uri_refused(tmp_path):
+    from sam_onnx.core.errors import SamOnnxError
+    from sam_onnx.tools.segment import find_images
+
+    folder = _images(tmp_path / "imgs", n=3)
+    (tmp_path / "list.txt").write_text("# the first two\nimgs/img0.png\n\nimgs/img1.png\n")
+    assert find_images([tmp_path / "list.txt"]) == [folder / "img0.png", folder / "img1.png"]
+    assert find_images([f"{folder}/img[12].png"]) == [folder / "img1.png", folder / "img2.png"]
+    assert find_images([f"{tmp_path}/**/*.png"]) == [folder / f"img{i}.png" for i in range(3)]
+    for bad, words in (([f"{folder}/*.tif"], "matches no images"),
+                       (["s3://bucket/images"], "remote URIs are not read"),
+                       ([tmp_path / "missing.txt"], "does not exist")):
+        with pytest.raises(SamOnnxError, match=words):
+            find_images(bad)
+    (tmp_path / "bad.txt").write_text("imgs/nope.png\n")
+    with pytest.raises(SamOnnxError, match="listed in"):
+        find_images([tmp_path / "bad.txt"])

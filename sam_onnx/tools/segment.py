@@ -8,6 +8,7 @@ of the CPU threads.
 """
 from __future__ import annotations
 
+import glob
 import json
 import os
 import time
@@ -34,11 +35,34 @@ class SegmentJob:
     threads: int = 0
 
 
-def find_images(inputs: Iterable[Path]) -> List[Path]:
-    """Files as given, folders expanded to the images directly inside them (sorted)."""
+#: A file listing images, one path a line (relative to the list's folder).
+LIST_SUFFIXES = (".txt", ".lst")
+
+
+def find_images(inputs: Iterable) -> List[Path]:
+    """Files as given, folders expanded to the images directly inside them, glob patterns
+    (``images/*.jpg``, ``data/**/*.png``) to the files they match, and list files (``.txt``,
+    ``.lst``) to the paths they list; sorted within each input."""
     images = []
-    for path in map(Path, inputs):
-        if path.is_dir():
+    for text in map(str, inputs):
+        if "://" in text:
+            raise SamOnnxError(f"{text}: remote URIs are not read; copy or mount the images "
+                               "locally (every Ray node must see the same paths)")
+        path = Path(text)
+        if not path.exists() and any(c in text for c in "*?["):
+            found = sorted(Path(p) for p in glob.glob(text, recursive=True)
+                           if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SamOnnxError(f"{text} matches no images ({', '.join(IMAGE_SUFFIXES)})")
+            images += found
+        elif path.is_file() and path.suffix.lower() in LIST_SUFFIXES:
+            images += [path.parent / line.strip() for line in path.read_text().splitlines()
+                       if line.strip() and not line.startswith("#")]
+            missing = [p for p in images if not p.exists()]
+            if missing:
+                raise SamOnnxError(f"{missing[0]}, listed in {path}, does not exist; list "
+                                   "image paths relative to the list's folder")
+        elif path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise SamOnnxError(f"{path} holds no images ({', '.join(IMAGE_SUFFIXES)})")
