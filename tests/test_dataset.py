@@ -217,3 +217,17 @@ def test_images_from_globs_and_list_files_and_a_uri_refused(tmp_path):
     (tmp_path / "bad.txt").write_text("imgs/nope.png\n")
     with pytest.raises(SamOnnxError, match="listed in"):
         find_images([tmp_path / "bad.txt"])
+
+
+def test_another_tools_annotations_or_manifest_in_out_is_refused_and_kept(graphs, tmp_path):
+    folder = _images(tmp_path / "imgs", n=1)
+    for name, text in ((ANNOTATIONS, '{"images": [], "annotations": []}\n'),
+                       (MANIFEST, "not a manifest\n")):
+        out = tmp_path / f"out_{name}"
+        out.mkdir()
+        (out / name).write_text(text)
+        proc = run_cli("segment", folder, *graphs, "--out", out, *FAST)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        assert f"{out / name}" in proc.stderr and "never" in proc.stderr
+        assert (out / name).read_text() == text  # untouched
+        assert sorted(p.name for p in out.iterdir()) == [name]  # nothing segmented

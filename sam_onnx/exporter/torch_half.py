@@ -55,8 +55,10 @@ def _run(job: Job, weights: Weights, stage: Stages) -> Staged:
     model_dims = _model_dims(family.encoder, encoded)
     paths, records = {}, {}
     for contract in contracts:
-        name = f"{job.model_type}_{contract.role}" + (
-            "" if contract == family.encoder else f"_{contract.name}".replace("_encoder", ""))
+        # vit_b_encoder, vit_b_encoder_image (another encoder form), vit_b_decoder_official
+        name = f"{job.model_type}_" + (contract.role if contract == family.encoder else
+                                       contract.name if contract.role == "encoder" else
+                                       f"decoder_{contract.name}")
         path = job.staging_dir / (name + ".onnx")
         with stage(f"export {contract.role} ({contract.name})"):
             _EXPORTERS[contract.role](side, weights.sam, contract, path, job.opset, family)

@@ -86,9 +86,15 @@ def graphs_id(encoder: Path, decoder: Path) -> Dict[str, str]:
             "graphs": hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]}
 
 
+#: What annotations.json says it is: a file under that name without it is not replaced.
+DESCRIPTION = "sam-onnx segment: automatic masks"
+
+
 def read_manifest(out_dir: Path) -> Dict[str, Dict]:
     """The latest record of each image (by file name) in ``out_dir``'s manifest; lines that
-    do not parse (a half line a killed run left) are left out."""
+    do not parse (a half line a killed run left) are left out. A manifest.jsonl or an
+    annotations.json there that another tool wrote is refused, never appended to or
+    replaced."""
     path = Path(out_dir) / MANIFEST
     latest: Dict[str, Dict] = {}
     if path.exists():
@@ -98,7 +104,24 @@ def read_manifest(out_dir: Path) -> Dict[str, Dict]:
                 latest[record["image"]] = record
             except (ValueError, KeyError, TypeError):
                 continue
+        if not latest and path.stat().st_size:
+            raise SamOnnxError(f"{path} is not a sam-onnx segment manifest; pass another --out "
+                               "(it is never appended to or replaced)")
+    _check_ours(Path(out_dir) / ANNOTATIONS)
     return latest
+
+
+def _check_ours(path: Path) -> None:
+    """Refuse an annotations.json sam-onnx did not write (it would be replaced)."""
+    if not path.exists():
+        return
+    try:
+        ours = json.loads(path.read_text()).get("info", {}).get("description") == DESCRIPTION
+    except (ValueError, AttributeError, UnicodeDecodeError):
+        ours = False
+    if not ours:
+        raise SamOnnxError(f"{path} was not written by sam-onnx segment; pass another --out "
+                           "(it is never replaced)")
 
 
 def _append(path: Path, record: Dict) -> None:
@@ -146,7 +169,7 @@ def write_annotations(out_dir: Path, records: Iterable[Dict]) -> Path:
         annotations += [{**ann, "id": image_id * ANNOTATIONS_PER_IMAGE + ann["id"],
                          "image_id": image_id, "category_id": 1}
                         for ann in doc["annotations"]]
-    dataset = {"info": {"description": "sam-onnx segment: automatic masks"},
+    dataset = {"info": {"description": DESCRIPTION},
                "images": images, "annotations": annotations,
                "categories": [{"id": 1, "name": "object"}]}
     path = Path(out_dir) / ANNOTATIONS

@@ -15,7 +15,7 @@ from ..graph import metadata, signature
 from ..graph import validate as validator
 from ..graph.findings import Report
 from ..runtime import transforms
-from ..runtime.sessions import SessionConfig, create
+from ..runtime.sessions import Session, SessionConfig, create
 
 #: ONNX Runtime's messages and the rule each belongs to.
 _ORT_ERRORS = (
@@ -57,12 +57,6 @@ def validate(model: validator.ModelSource, feed: Optional[feeds_.FeedSource] = N
         entries = None if feed is None else feeds_.load(
             feed, metadata.read(proto).get("model_dims"))
         report.extend(run_once(source, proto, entries, name))
-        if report.ok:
-            crop = frozen_crop(source, proto)
-            if crop is not None:
-                report.add(validator.FROZEN_CROP.finding(
-                    "output:masks", crop,
-                    validator.repair_command(name, "--auto --feed official"), model=name))
     return report
 
 
@@ -72,18 +66,19 @@ def validate(model: validator.ModelSource, feed: Optional[feeds_.FeedSource] = N
 CROP_CHECK_SIZES = ((600, 1400), (1400, 800))
 
 
-def frozen_crop(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto) -> Optional[str]:
+def frozen_crop(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto,
+                session: Optional[Session] = None) -> Optional[str]:
     """Whether an official-form decoder's masks are cropped at a size frozen when it was
     exported: its ``masks`` are compared with its own ``low_res_masks`` upscaled, cropped and
     resized as segment-anything's postprocess_masks does, at a landscape and a portrait size.
-    What differs, in words, or None (also for graphs without that form)."""
+    What differs, in words, or None (also for graphs without that form). ``session``: one
+    already made for the graph; else one is made when the graph has that form."""
     inputs = {t.name for t in signature.graph_inputs(model)}
     outputs = [o.name for o in model.graph.output]
     if "orig_im_size" not in inputs or not {"masks", "low_res_masks"} <= set(outputs):
         return None
     arrays = synthesize(model, None)
-    data = source if isinstance(source, Path) else source.SerializeToString()
-    session = create(data, SessionConfig(providers=("cpu",)))
+    session = session or _cpu_session(source)
     wrong = []
     for h, w in CROP_CHECK_SIZES:
         arrays["orig_im_size"] = np.array([h, w], np.float32)
@@ -105,11 +100,12 @@ def frozen_crop(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto) ->
 
 def run_once(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto,
              feed: Optional[feeds_.Feed], name: str) -> Report:
+    """One ONNX Runtime run, its error mapped to a rule, its outputs checked for NaN/Inf,
+    then, on the same session, the frozen-crop check."""
     report = Report()
     arrays = synthesize(model, feed)
     try:
-        data = source if isinstance(source, Path) else source.SerializeToString()
-        session = create(data, SessionConfig(providers=("cpu",)))
+        session = _cpu_session(source)
         outputs = session.run(None, arrays)
     except Exception as exc:  # ONNX Runtime raises several types; map by message
         text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -127,4 +123,14 @@ def run_once(source: Union[Path, onnx.ModelProto], model: onnx.ModelProto,
                 f"output:{out_name}", f"{bad} NaN/Inf value(s) in {out_name} "
                 f"{list(np.shape(value))}", "check the inputs' values and the export "
                 "(e.g. fp16 overflow)", model=name))
+    crop = frozen_crop(source, model, session) if report.ok else None
+    if crop is not None:
+        report.add(validator.FROZEN_CROP.finding(
+            "output:masks", crop, validator.repair_command(name, "--auto --feed official"),
+            model=name))
     return report
+
+
+def _cpu_session(source: Union[Path, onnx.ModelProto]) -> Session:
+    data = source if isinstance(source, Path) else source.SerializeToString()
+    return create(data, SessionConfig(providers=("cpu",)))
