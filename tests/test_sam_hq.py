@@ -53,10 +53,10 @@ def test_an_hq_checkpoint_is_told_from_sam_and_mobile_sam(hq_checkpoint, tiny_ch
 
 def test_the_graphs_declare_and_record_hq_contracts(hq):
     encoder = onnx.load(str(hq["encoder"]), load_external_data=False)
-    assert [o.name for o in encoder.graph.output] == ["image_embeddings", "interm_embeddings"]
+    assert [o.name for o in encoder.graph.output] == ["image_embeddings", "hq_features"]
     decoder = onnx.load(str(hq["official"]), load_external_data=False)
     names = [i.name for i in decoder.graph.input]
-    assert names[:2] == ["image_embeddings", "interm_embeddings"]
+    assert names[:2] == ["image_embeddings", "hq_features"]
     assert names[-2:] == ["multimask_output", "hq_token_only"]
     record = metadata.read(decoder)
     assert (record["family"], record["model_type"], record["contract"]) == (
@@ -70,7 +70,7 @@ def test_check_against_segment_anything_hq(hq, decoder):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(proc.stdout)["rows"]
     passed = {(r["stage"], r["output"]) for r in rows if r["status"] == "pass"}
-    assert ("encoder", "interm_embeddings") in passed
+    assert ("encoder", "hq_features") in passed
     assert any(r["case"].endswith("hq-only") and r["status"] == "pass" for r in rows)
     if decoder == "batched":  # HQ's SamAutomaticMaskGenerator, record by record
         (row,) = [r for r in rows if r["stage"] == "automatic masks"]
@@ -119,7 +119,7 @@ def test_predictor_switches_follow_segment_anything_hq(hq, tiny_export):
 def test_an_hq_decoder_fed_sams_feed_names_what_is_missing(hq):
     report = sam_onnx.validate(hq["official"], feed="official")
     missing = {f.expected for f in report.findings if f.code == "SAM020"}
-    assert missing == {"interm_embeddings", "multimask_output", "hq_token_only"}
+    assert missing == {"hq_features", "multimask_output", "hq_token_only"}
     assert sam_onnx.validate(hq["official"], feed="hq_official", run=True).ok
     assert "SAM030" in sam_onnx.validate(hq["batched"]).codes()
 
@@ -129,22 +129,22 @@ def test_hq_pairs_fit_and_an_hq_decoder_needs_hqs_encoder(hq, tiny_export):
     assert proc.returncode == 0 and "SAM035" in proc.stdout, proc.stdout
     sam_encoder = tiny_export[0] / "tiny_encoder.onnx"
     proc = run_cli("validate", sam_encoder, hq["official"])
-    assert proc.returncode == 1 and "takes interm_embeddings, which" in proc.stdout
-    with pytest.raises(sam_onnx.SamOnnxError, match="takes interm_embeddings"):
+    assert proc.returncode == 1 and "takes hq_features, which" in proc.stdout
+    with pytest.raises(sam_onnx.SamOnnxError, match="takes hq_features"):
         sam_onnx.SamOnnxPredictor(sam_encoder, hq["official"])
 
 
 def test_repair_renames_an_hq_decoders_inputs_back(hq, tmp_path):
-    rename_input(hq["official"], "interm_embeddings", "interm_embedding",
+    rename_input(hq["official"], "hq_features", "hq_feature",
                  tmp_path / "renamed.onnx")
     assert not sam_onnx.validate(tmp_path / "renamed.onnx", feed="hq_official").ok
     result = sam_onnx.repair(tmp_path / "renamed.onnx", tmp_path / "fixed.onnx",
                              auto_feed="hq_official")
-    assert result.changes == ["rename: renamed interm_embedding to interm_embeddings"]
+    assert result.changes == ["rename: renamed hq_feature to hq_features"]
     assert result.parity.passed and result.report.ok
 
 
-def test_segment_runs_hq_graphs_and_save_embedding_keeps_the_intermediate(hq, tmp_path):
+def test_segment_runs_hq_graphs_and_save_embedding_keeps_the_hq_features(hq, tmp_path):
     Image.fromarray(synthetic(200, 300)).save(tmp_path / "card.png")
     proc = run_cli("segment", tmp_path / "card.png", "--encoder", hq["encoder"], "--decoder",
                    hq["batched"], "--out", tmp_path / "seg", "--points-per-side", "6",
@@ -158,5 +158,5 @@ def test_segment_runs_hq_graphs_and_save_embedding_keeps_the_intermediate(hq, tm
     pred.save_embedding(tmp_path / "emb.npz")
     again = sam_onnx.SamOnnxPredictor(None, hq["official"])
     again.load_embedding(tmp_path / "emb.npz")
-    assert set(again.encoded) == {"image_embeddings", "interm_embeddings"}
+    assert set(again.encoded) == {"image_embeddings", "hq_features"}
     np.testing.assert_array_equal(again.predict(np.array([[150, 100]]), np.array([1]))[2], first)

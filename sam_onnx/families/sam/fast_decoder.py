@@ -167,10 +167,12 @@ def two_way_transformer(mask_decoder, image: torch.Tensor, image_pe: torch.Tenso
     dec = mask_decoder
     transformer = dec.transformer
     b = sparse.shape[0]
-    # SAM 2's decoder puts an object-score token first; the image predictor never reads it
+    # SAM 2's decoder puts an object-score token first; the image predictor never reads it.
+    # HQ-SAM's puts its HQ output token last (counted in its num_mask_tokens).
     first = int(getattr(dec, "pred_obj_scores", False))
     output_tokens = torch.cat(([dec.obj_score_token.weight] if first else []) +
-                              [dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+                              [dec.iou_token.weight, dec.mask_tokens.weight] +
+                              ([dec.hf_token.weight] if hasattr(dec, "hf_token") else []), dim=0)
     tokens = torch.cat([output_tokens.unsqueeze(0).expand(b, -1, -1), sparse], dim=1)
     image = image.flatten(2).transpose(1, 2)  # (1, N, C)
     pe = image_pe
