@@ -10,7 +10,7 @@ import io
 import logging
 import warnings
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 import numpy as np
 import onnx
@@ -51,8 +51,7 @@ def _run(job: Job, weights: Weights, stage: Stages) -> Staged:
     family = family_of(job.model_type)
     side = family.torch()  # the family's builders, wrappers and reference
     with side.reference_context(), stage("PyTorch reference outputs"):
-        checks, encoded = _reference_checks(side, weights.sam, contracts)
-    model_dims = _model_dims(family.encoder, encoded)
+        checks = _reference_checks(side, weights.sam, contracts)
     paths, records = {}, {}
     for contract in contracts:
         # vit_b_encoder, vit_b_encoder_image (another encoder form), vit_b_decoder_official
@@ -71,15 +70,15 @@ def _run(job: Job, weights: Weights, stage: Stages) -> Staged:
             records[contract.name] = metadata.provenance(
                 contract, model_type=job.model_type, weights_source=weights.source,
                 weights_checksum=weights.checksum, exporter=_EXPORTER_NAMES[contract.role],
-                opset=job.opset, model_dims=model_dims)
+                opset=job.opset)
             metadata.stamp(path, contract, records[contract.name])
         paths[contract.name] = path
     return Staged(paths, records, checks, stage.timings)
 
 
-def _reference_checks(side, sam, contracts: List[GraphContract]) -> Tuple[Dict, Dict]:
-    """Per contract, the feeds to run and PyTorch's outputs for them; and the encoder outputs
-    the decoders were checked on."""
+def _reference_checks(side, sam, contracts: List[GraphContract]) -> Dict:
+    """Per contract, the feeds to run and PyTorch's outputs for them (decoders on the
+    encoder's reference outputs when the encoder is exported too, else on random ones)."""
     reference = side.reference
     checks = {}
     encoded = reference.random_encoder_outputs(sam)
@@ -101,7 +100,7 @@ def _reference_checks(side, sam, contracts: List[GraphContract]) -> Tuple[Dict, 
                          reference.decoder_reference(sam, contract, encoded, p))
                 for p in reference.PROMPTS
             }
-    return checks, encoded
+    return checks
 
 
 def _example_images(seed: int = 0) -> Dict[str, np.ndarray]:
@@ -128,13 +127,6 @@ class _PreprocessInside(torch.nn.Module):
         x = ((input_image - self.mean) / self.std).permute(2, 0, 1)[None]
         h, w = input_image.shape[0], input_image.shape[1]
         return self.encoder(torch.nn.functional.pad(x, (0, self.size - w, 0, self.size - h)))
-
-
-def _model_dims(encoder: GraphContract, encoded: Dict) -> Dict[str, int]:
-    """The sizes of the symbolic dims of what the encoder returns, fixed per model (HQ-SAM's
-    vit_dim and num_interm): recorded, so that a feed made for a graph has them."""
-    return {symbol: int(encoded[spec.name].shape[axis]) for spec in encoder.outputs
-            for axis, symbol in spec.dynamic_axes.items()}
 
 
 def _export_encoder(side, sam, contract: GraphContract, path: Path, opset: int,

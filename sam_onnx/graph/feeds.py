@@ -44,15 +44,12 @@ def from_arrays(arrays: Mapping[str, Any]) -> Feed:
     return out
 
 
-def example_arrays(contract: GraphContract,
-                   sizes: Optional[Mapping[str, int]] = None) -> Dict[str, np.ndarray]:
+def example_arrays(contract: GraphContract) -> Dict[str, np.ndarray]:
     """What a wrapper following ``contract`` feeds, e.g. segment-anything's notebook for
-    ``official``: float32 throughout, one point plus the padding point, no mask prompt.
-    ``sizes``: symbolic dims fixed by the model (a graph's recorded ``model_dims``)."""
-    sizes = {**SYMBOL_VALUES, **(sizes or {})}
+    ``official``: float32 throughout, one point plus the padding point, no mask prompt."""
     arrays = {}
     for spec in contract.inputs:
-        shape = tuple(sizes.get(d, 1) if isinstance(d, str) else d for d in spec.shape)
+        shape = tuple(SYMBOL_VALUES.get(d, 1) if isinstance(d, str) else d for d in spec.shape)
         arrays[spec.name] = np.zeros(shape, dtype=spec.dtype)
     if "point_labels" in arrays:
         arrays["point_labels"][...] = 1.0
@@ -82,16 +79,15 @@ def from_npz(path: Path) -> Feed:
                            "numpy.savez(path, name=array, ...)") from None
 
 
-def load(source: FeedSource, sizes: Optional[Mapping[str, int]] = None) -> Feed:
-    """A contract name, a .json or .npz path, a dict of arrays, or an already loaded feed;
-    ``sizes`` as for ``example_arrays``."""
+def load(source: FeedSource) -> Feed:
+    """A contract name, a .json or .npz path, a dict of arrays, or an already loaded feed."""
     if isinstance(source, Mapping):
         if all(isinstance(v, FeedEntry) for v in source.values()):
             return dict(source)
         return from_arrays(source)
     text = str(source)
     if text in CONTRACTS:
-        return from_arrays(example_arrays(CONTRACTS[text], sizes))
+        return from_arrays(example_arrays(CONTRACTS[text]))
     path = Path(text)
     if path.suffix == ".json":
         return from_json(path)

@@ -18,14 +18,12 @@ from ..core.contracts import GraphContract
 from ..families import FAMILIES, family_of
 
 PREFIX = "sam_onnx."
-_JSON_KEYS = {"contract_spec", "preprocess", "postprocess", "versions", "repairs", "model_dims"}
+_JSON_KEYS = {"contract_spec", "preprocess", "postprocess", "versions", "repairs"}
 
 
 def provenance(contract: GraphContract, *, model_type: str, weights_source: str,
-               weights_checksum: str, exporter: str, opset: int, precision: str = "fp32",
-               model_dims: Optional[Dict[str, int]] = None) -> Dict:
-    """Everything recorded about one graph, as plain data; ``model_dims``: the sizes of the
-    symbolic dims that are fixed per model (e.g. HQ-SAM's vit_dim)."""
+               weights_checksum: str, exporter: str, opset: int, precision: str = "fp32") -> Dict:
+    """Everything recorded about one graph, as plain data."""
     return {
         "role": contract.role,
         "model_type": model_type,
@@ -41,7 +39,6 @@ def provenance(contract: GraphContract, *, model_type: str, weights_source: str,
         "exporter": exporter,
         "opset": opset,
         "versions": library_versions(),
-        "model_dims": model_dims or {},
     }
 
 

@@ -416,8 +416,7 @@ def validate(model: ModelSource, feed: Optional[feeds_.FeedSource] = None) -> Re
     _versions(proto, report, name)
     _graph_inputs(proto, report, name)
     _contracts(proto, report, name)
-    feed_entries = None if feed is None else feeds_.load(
-        feed, metadata.read(proto).get("model_dims"))
+    feed_entries = None if feed is None else feeds_.load(feed)
     if feed_entries is not None:
         report.extend(check_feed(proto, feed_entries, name))
     return report
@@ -425,7 +424,7 @@ def validate(model: ModelSource, feed: Optional[feeds_.FeedSource] = None) -> Re
 
 def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
                   names: Sequence[str] = ("encoder", "decoder")) -> Report:
-    """Every encoder output the decoder takes (image_embeddings; HQ-SAM's interm_embeddings;
+    """Every encoder output the decoder takes (image_embeddings; HQ-SAM's hq_features;
     SAM 2's image_embed and high-resolution maps) must fit the decoder's input of that name,
     and both must be of one model."""
     report = Report()

@@ -300,7 +300,7 @@ class SamOnnxPredictor:
         self._set_encoded(dict(zip(self.encoder.output_names, outputs)))
 
     def _set_encoded(self, encoded: Dict[str, np.ndarray]) -> None:
-        """Every encoder output (HQ-SAM's also returns its intermediate embeddings, SAM 2's its
+        """Every encoder output (HQ-SAM's also returns its HQ features, SAM 2's its
         high-resolution maps), fed to the decoder by name; ``features`` is the image
         embedding, as SamPredictor's."""
         self.encoded = self._canonical(encoded)

@@ -11,7 +11,7 @@ import onnx
 
 from ..families.sam.contracts import IMAGE_SIZE
 from ..graph import feeds as feeds_
-from ..graph import metadata, signature
+from ..graph import signature
 from ..graph import validate as validator
 from ..graph.findings import Report
 from ..runtime import transforms
@@ -35,10 +35,10 @@ def synthesize(model: onnx.ModelProto, feed: Optional[feeds_.Feed]) -> dict:
     if feed is not None:
         return {n: e.array if e.array is not None else np.zeros(e.shape, e.dtype)
                 for n, e in feed.items()}
-    sizes = {**feeds_.SYMBOL_VALUES, **metadata.read(model).get("model_dims", {})}
+    sizes = feeds_.SYMBOL_VALUES
     contract, problems = signature.nearest_contract(model)
     if not problems:
-        return feeds_.example_arrays(contract, sizes)
+        return feeds_.example_arrays(contract)
     return {t.name: np.zeros([d if isinstance(d, int) else sizes.get(d, 1) for d in t.shape],
                              dtype=t.dtype)
             for t in signature.graph_inputs(model)}
@@ -54,8 +54,7 @@ def validate(model: validator.ModelSource, feed: Optional[feeds_.FeedSource] = N
         else:
             source, name = Path(model), str(model)
             proto = onnx.load(name, load_external_data=False)
-        entries = None if feed is None else feeds_.load(
-            feed, metadata.read(proto).get("model_dims"))
+        entries = None if feed is None else feeds_.load(feed)
         report.extend(run_once(source, proto, entries, name))
     return report
 

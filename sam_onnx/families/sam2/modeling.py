@@ -23,7 +23,7 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 from torch import nn
 
 from ..base import load_strict
-from ..sam.fast_decoder import two_way_transformer
+from ..sam.fast_decoder import layer_norm_2d, two_way_transformer
 from . import config, reference
 from .contracts import POSTPROCESS
 
@@ -123,7 +123,7 @@ class _Decoder(nn.Module):
         dc1, ln1, act1, dc2, act2 = dec.output_upscaling
         b, _, c = keys.shape
         src = keys.transpose(1, 2).reshape(b, c, *self.embedding_hw)
-        x = act1(ln1(dc1(src) + high_res_feats_1))
+        x = act1(layer_norm_2d(ln1, dc1(src) + high_res_feats_1))
         x = act2(dc2(x) + high_res_feats_0)
         hyper = torch.stack([mlp(out[:, 1 + i]) for i, mlp in
                              enumerate(dec.output_hypernetworks_mlps)], dim=1)

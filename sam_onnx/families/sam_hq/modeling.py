@@ -28,7 +28,7 @@ with warnings.catch_warnings():  # timm's deprecation and registry chatter on im
 
 from ...core.errors import CheckpointError
 from ..sam.contracts import EMBEDDING_SIZE
-from ..sam.fast_decoder import image_pe, two_way_transformer
+from ..sam.fast_decoder import image_pe, layer_norm_2d, two_way_transformer
 from ..sam.modeling import (
     EXPORT_CHUNK_ELEMENTS,
     REFERENCE_CHUNK_ELEMENTS,
@@ -110,13 +110,15 @@ def hq_masks(mask_decoder, keys: torch.Tensor, mask_tokens: torch.Tensor,
     dec = mask_decoder
     b = keys.shape[0]
     s = EMBEDDING_SIZE
-    up = dec.output_upscaling(keys.transpose(1, 2).reshape(b, -1, s, s))
+    deconv1, norm1, act1, deconv2, act2 = dec.output_upscaling
+    up = act2(deconv2(act1(layer_norm_2d(norm1, deconv1(
+        keys.transpose(1, 2).reshape(b, -1, s, s))))))
     c, h, w = up.shape[1:]
     hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in
                          enumerate(dec.output_hypernetworks_mlps)], dim=1)  # (B, 4, c)
     sam_masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
     conv1, norm, gelu, conv2 = dec.embedding_maskfeature
-    g = gelu(norm(conv1(up)))  # (B, d, h, w)
+    g = gelu(layer_norm_2d(norm, conv1(up)))  # (B, d, h, w)
     d, (kh, kw) = g.shape[1], conv2.kernel_size
     hq = dec.hf_mlp(mask_tokens[:, -1])  # (B, c)
     kernel = (hq @ conv2.weight.reshape(c, -1)).reshape(b, d, kh * kw)
