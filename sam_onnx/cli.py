@@ -472,6 +472,12 @@ def check(model_type, checkpoint, random_weights, encoder, decoder, export_to, d
 @click.option("--automatic/--no-automatic", default=True, show_default=True,
               help="Also time automatic mask generation.")
 @click.option("--points-per-side", type=click.IntRange(1), default=32, show_default=True)
+@click.option("--peers", default="", metavar="NAMES",
+              help="Also other tools' graphs, made by their own code and run their way: "
+              "official (segment-anything's export script and notebook), samexporter. Made "
+              "once into a peers/ folder beside --encoder.")
+@click.option("--rounds", type=click.IntRange(1), default=1, show_default=True,
+              help="Run every pipeline this many times, in turns (a fresh process each).")
 @click.option("--out", "markdown", type=click.Path(path_type=Path),
               help="Write the Markdown table here.")
 @click.option("--json", "json_path", type=click.Path(path_type=Path),
@@ -480,15 +486,19 @@ def check(model_type, checkpoint, random_weights, encoder, decoder, export_to, d
               help="Write a bar chart PNG here (needs matplotlib).")
 @_expected_errors()
 def bench(model_type, checkpoint, random_weights, encoder, decoder, export_to, image, size,
-          providers, repeat, automatic, points_per_side, markdown, json_path, plot) -> None:
-    """PyTorch and ONNX Runtime side by side: start-up, encoder, one prompt, automatic masks,
-    peak RSS; medians of repeated runs, each pipeline in a fresh process. A batched decoder
+          providers, repeat, automatic, points_per_side, peers, rounds, markdown, json_path,
+          plot) -> None:
+    """PyTorch, ONNX Runtime and (--peers) other tools' graphs side by side: start-up,
+    encoder, one prompt, automatic masks, peak RSS, and each pipeline's masks against
+    PyTorch's; medians of repeated runs, each pipeline in a fresh process. A batched decoder
     (what --export-to writes) makes the automatic-mask row fast."""
     from .core.files import check_output
+    from .tools import peers as peers_
     from .tools.bench import BenchConfig, write_outputs
     from .tools.bench import bench as run_bench
 
     _require_graphs(encoder, decoder, export_to)
+    chosen = tuple(p.name for p in peers_.parse(peers))
     hw = _floats(size.replace("x", ","), (2,), "--size")
     for option, path in (("--out", markdown), ("--json", json_path), ("--plot", plot)):
         if path is not None:  # before minutes of measuring
@@ -506,7 +516,7 @@ def bench(model_type, checkpoint, random_weights, encoder, decoder, export_to, i
         encoder, decoder = result.graph("encoder").path, result.graph("decoder").path
     cfg = BenchConfig(model_type, checkpoint, random_weights, encoder, decoder, image,
                       (int(hw[0]), int(hw[1])), repeat, automatic=automatic,
-                      points_per_side=points_per_side)
+                      points_per_side=points_per_side, peers=chosen, rounds=rounds)
     report = run_bench(cfg, _providers(providers), log=lambda m: click.echo(m, err=True))
     click.echo(report.markdown())
     for path in write_outputs(report, markdown, json_path, plot):

@@ -122,6 +122,54 @@ def test_bench_reports_pytorch_and_onnx_and_never_calls_cpu_cuda(graphs, tmp_pat
     assert "ONNX cuda: not run" in table and "encoder, % of fp32 GEMM floor" in table
 
 
+def test_bench_runs_the_peers_their_way_in_turns(graphs, samexporter_code, tmp_path):
+    """--peers: segment-anything's export script's graph run as its notebook runs it, and
+    samexporter's graphs run by its SegmentAnythingONNX, made by their own code, in turns with
+    PyTorch and sam-onnx; each pipeline's masks against PyTorch's at both orientations."""
+    js = tmp_path / "bench.json"
+    encoder = tmp_path / "graphs" / "tiny_encoder.onnx"
+    encoder.parent.mkdir()
+    for source in Path(graphs["encoder"]).parent.glob("tiny_encoder.onnx*"):  # and its .data
+        shutil.copy(source, encoder.parent / source.name)
+    proc = run_cli("bench", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
+                   encoder, "--decoder", graphs["batched"], "--size", "200x300", "--repeat",
+                   "1", "--no-automatic", "--providers", "cpu", "--peers",
+                   "official,samexporter", "--rounds", "2", "--json", js,
+                   env={"PYTHONPATH": str(samexporter_code)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(js.read_text())
+    pipelines = report["pipelines"]
+    assert set(pipelines) == {"PyTorch", "ONNX cpu", "official", "samexporter"}
+    assert sorted(p.name for p in (encoder.parent / "peers").iterdir()) == \
+        ["official", "samexporter"]
+    for metrics in pipelines.values():  # two rounds of one timed run, a start-up a round
+        assert metrics["encoder_s"]["runs"] == 2 and metrics["init_s"]["runs"] == 2
+        assert metrics["gemm_gflops"] > 1 and metrics["encoder_floor_pct"] > 0
+    assert pipelines["ONNX cpu"]["mask_iou_image"] > 0.99
+    assert pipelines["ONNX cpu"]["mask_iou_rotated"] > 0.99
+    assert pipelines["samexporter"]["mask_iou_rotated"] > 0.98  # it upscales itself
+    # segment-anything's script freezes the crop at its dummy 1500x2250 (landscape, 2:3): right
+    # on this 200x300 image, wrong turned (measured: IoU 0.23)
+    assert pipelines["official"]["mask_iou_image"] > 0.99
+    assert pipelines["official"]["mask_iou_rotated"] < 0.9
+
+
+def test_bench_says_a_peer_that_is_not_installed_and_refuses_an_unknown_one(graphs, tmp_path):
+    js = tmp_path / "bench.json"
+    args = ("bench", "--model", "tiny", "--checkpoint", graphs["checkpoint"], "--encoder",
+            graphs["encoder"], "--decoder", graphs["batched"], "--size", "64x64", "--repeat",
+            "1", "--no-automatic", "--providers", "cpu")
+    proc = run_cli(*args, "--peers", "samexporter", "--json", js)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(js.read_text())
+    assert "samexporter" not in report["pipelines"]
+    assert report["skipped"]["samexporter"] == \
+        "not installed (pip install --no-deps samexporter==0.5.0)"
+    proc = run_cli(*args, "--peers", "official,nope")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "unknown peer 'nope'; use one or more of: official, samexporter" in proc.stderr
+
+
 @pytest.mark.parametrize("args, code, words", [
     (["--model", "tiny", "--random-weights"], 2, "--encoder and --decoder"),
     (["--model", "tiny", "--checkpoint", "{checkpoint}", "--encoder", "{encoder}",
