@@ -160,3 +160,23 @@ def test_segment_runs_hq_graphs_and_save_embedding_keeps_the_hq_features(hq, tmp
     again.load_embedding(tmp_path / "emb.npz")
     assert set(again.encoded) == {"image_embeddings", "hq_features"}
     np.testing.assert_array_equal(again.predict(np.array([[150, 100]]), np.array([1]))[2], first)
+
+
+def test_hq_batched_scores_every_prompt_and_masks_only_those_that_pass(hq):
+    """hq_batched runs HQ's upscaler and mask features only for the prompts whose score passes
+    pred_iou_thresh: their masks equal the ones computed for every prompt."""
+    pred = sam_onnx.SamOnnxPredictor(hq["encoder"], hq["batched"])
+    pred.set_image(synthetic(200, 300))
+    xs, ys = np.meshgrid(np.linspace(20, 280, 4), np.linspace(20, 180, 4))
+    points = np.stack([xs.ravel(), ys.ravel()], -1)[:, None, :]
+    labels = np.ones((len(points), 1))
+    every, scores, kept_every = pred.predict_batch_filtered(points, labels, -np.inf)
+    np.testing.assert_array_equal(kept_every, np.arange(len(points)))
+    threshold = float(np.median(scores))
+    masks, again, kept = pred.predict_batch_filtered(points, labels, threshold)
+    np.testing.assert_array_equal(again, scores)
+    np.testing.assert_array_equal(kept, np.flatnonzero(scores[:, 0] > threshold))
+    assert 0 < len(kept) < len(points)
+    np.testing.assert_allclose(masks, every[kept], atol=1e-5)
+    none, _, kept = pred.predict_batch_filtered(points, labels, float(scores.max()))
+    assert none.shape == (0, 1, 256, 256) and len(kept) == 0  # no prompt passes: no masks

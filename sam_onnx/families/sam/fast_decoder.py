@@ -232,8 +232,12 @@ def layer_norm_2d(norm, x: torch.Tensor) -> torch.Tensor:
     """segment_anything's (and sam2's) ``LayerNorm2d`` module ``norm`` on (B, C, H, W) ``x``,
     its channel statistics as (1, C) x (C, HW) products: ONNX Runtime's ReduceMean over the
     channel axis of a (1, 64, 256, 256) map took 9.2 ms, these products 3.2 ms (measured,
-    2 threads; same result within 1e-6)."""
-    b, c, h, w = x.shape
+    2 threads; same result within 1e-6).
+
+    The channels and the map's size are fixed in every decoder and traced as constants: a
+    Reshape whose other sizes come from the tensor gets a -1, which ONNX Runtime cannot
+    infer when the batch is empty (no prompt passed a batched decoder's threshold)."""
+    b, c, h, w = x.shape[0], *(int(d) for d in x.shape[1:])
     average = torch.full((1, c), 1.0 / c, dtype=x.dtype)
     x = x.reshape(b, c, h * w)
     centred = x - average @ x

@@ -108,21 +108,22 @@ def hq_masks(mask_decoder, keys: torch.Tensor, mask_tokens: torch.Tensor,
     output channel, ``(h W2) * g``, as nine (B, 9, 64) x (B, 64, 65536) products summed at
     their offsets (0.08 GFLOP)."""
     dec = mask_decoder
-    b = keys.shape[0]
-    s = EMBEDDING_SIZE
+    # every size but the prompts' is a constant: the exporter writes a -1 for a size read
+    # from a tensor, which ONNX Runtime cannot infer when no prompt passed (b = 0)
+    b, s = keys.shape[0], EMBEDDING_SIZE
     deconv1, norm1, act1, deconv2, act2 = dec.output_upscaling
     up = act2(deconv2(act1(layer_norm_2d(norm1, deconv1(
-        keys.transpose(1, 2).reshape(b, -1, s, s))))))
-    c, h, w = up.shape[1:]
+        keys.transpose(1, 2).reshape(b, dec.transformer_dim, s, s))))))
+    c, h, w = (int(d) for d in up.shape[1:])
     hyper = torch.stack([mlp(mask_tokens[:, i]) for i, mlp in
                          enumerate(dec.output_hypernetworks_mlps)], dim=1)  # (B, 4, c)
-    sam_masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, -1, h, w)
+    sam_masks = (hyper @ up.reshape(b, c, h * w)).reshape(b, hyper.shape[1], h, w)
     conv1, norm, gelu, conv2 = dec.embedding_maskfeature
     g = gelu(layer_norm_2d(norm, conv1(up)))  # (B, d, h, w)
-    d, (kh, kw) = g.shape[1], conv2.kernel_size
+    d, (kh, kw) = conv2.in_channels, conv2.kernel_size
     hq = dec.hf_mlp(mask_tokens[:, -1])  # (B, c)
     kernel = (hq @ conv2.weight.reshape(c, -1)).reshape(b, d, kh * kw)
-    shifted = F.pad((kernel.transpose(1, 2) @ g.reshape(b, d, h * w)).reshape(b, -1, h, w),
+    shifted = F.pad((kernel.transpose(1, 2) @ g.reshape(b, d, h * w)).reshape(b, kh * kw, h, w),
                     (kw // 2, kw // 2, kh // 2, kh // 2))
     hq_mask = sum(shifted[:, i * kw + j, i:i + h, j:j + w] for i in range(kh) for j in range(kw))
     hq_mask = hq_mask + (hq @ (features.reshape(c, h * w) + conv2.bias.reshape(c, 1))
