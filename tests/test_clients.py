@@ -24,34 +24,15 @@ from sam_onnx.runtime.predictor import SamOnnxPredictor
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "images"
 
 #: segment-anything's scripts/export_onnx_model.py, its export as written (the script is not in
-#: the wheel): its own SamOnnxModel, dummy inputs (orig_im_size 1500x2250), names, dynamic axes,
-#: opset 17, the TorchScript exporter. argv: checkpoint, output, "single" or "four".
+#: the wheel; bench --peers makes it the same way): its own SamOnnxModel, dummy inputs
+#: (orig_im_size 1500x2250), names, dynamic axes, opset 17, the TorchScript exporter.
+#: argv: checkpoint, output, "single" or "four".
 OFFICIAL_SCRIPT = """
-import sys, warnings
-import torch
-from segment_anything.utils.onnx import SamOnnxModel
+import sys
 from sam_onnx.exporter.checkpoints import build, load_state_dict
-sam = build("tiny", load_state_dict(sys.argv[1]))
-onnx_model = SamOnnxModel(sam, return_single_mask=sys.argv[3] == "single")
-embed_dim = sam.prompt_encoder.embed_dim
-embed_size = sam.prompt_encoder.image_embedding_size
-mask_input_size = [4 * x for x in embed_size]
-dummy_inputs = {
-    "image_embeddings": torch.randn(1, embed_dim, *embed_size, dtype=torch.float),
-    "point_coords": torch.randint(low=0, high=1024, size=(1, 5, 2), dtype=torch.float),
-    "point_labels": torch.randint(low=0, high=4, size=(1, 5), dtype=torch.float),
-    "mask_input": torch.randn(1, 1, *mask_input_size, dtype=torch.float),
-    "has_mask_input": torch.tensor([1], dtype=torch.float),
-    "orig_im_size": torch.tensor([1500, 2250], dtype=torch.float),
-}
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore")
-    torch.onnx.export(onnx_model, tuple(dummy_inputs.values()), sys.argv[2], export_params=True,
-                      verbose=False, opset_version=17, do_constant_folding=True,
-                      input_names=list(dummy_inputs.keys()),
-                      output_names=["masks", "iou_predictions", "low_res_masks"],
-                      dynamic_axes={"point_coords": {1: "num_points"},
-                                    "point_labels": {1: "num_points"}}, dynamo=False)
+from sam_onnx.tools.peers import official_decoder
+official_decoder(build("tiny", load_state_dict(sys.argv[1])), sys.argv[2],
+                 single=sys.argv[3] == "single")
 """
 
 

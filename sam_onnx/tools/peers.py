@@ -71,8 +71,9 @@ def _official_dummy_inputs(sam):
     }
 
 
-def _export_decoder(sam, path: Path, single: bool, opset: int) -> None:
-    """segment-anything's SamOnnxModel exported as its script (and samexporter's) do."""
+def official_decoder(sam, path, single: bool = False, opset: int = 17) -> None:
+    """segment-anything's SamOnnxModel exported as its scripts/export_onnx_model.py does
+    (``--return-single-mask``: ``single``), and samexporter's export_decoder (opset 18)."""
     import torch
     from segment_anything.utils.onnx import SamOnnxModel
 
@@ -89,7 +90,7 @@ def _export_decoder(sam, path: Path, single: bool, opset: int) -> None:
 
 
 def _make_official(sam, folder: Path) -> None:
-    _export_decoder(sam, folder / OFFICIAL.files["decoder"], single=False, opset=17)
+    official_decoder(sam, folder / OFFICIAL.files["decoder"])
 
 
 class _Notebook:
@@ -148,7 +149,7 @@ def _make_samexporter(sam, folder: Path) -> None:
                                 input_names=["input_image"], output_names=["image_embeddings"],
                                 dynamic_axes={"input_image": {0: "image_height",
                                                               1: "image_width"}})
-    _export_decoder(sam, folder / SAMEXPORTER.files["decoder"], single=True, opset=18)
+    official_decoder(sam, folder / SAMEXPORTER.files["decoder"], single=True, opset=18)
 
 
 class _SegmentAnythingONNX:
