@@ -212,10 +212,14 @@ class _Predictor:
         return self.predictor.predict(point, np.array([1]))
 
     def masks(self, point: np.ndarray) -> np.ndarray:
-        """The three multimask outputs and the single mask."""
-        return np.concatenate([self.predictor.predict(point, np.array([1]),
-                                                      multimask_output=multi)[0]
-                               for multi in (True, False)])
+        """The three multimask outputs and the single mask (where the decoder returns it)."""
+        label = np.array([1])
+        found = [self.predictor.predict(point, label)[0]]
+        try:
+            found.append(self.predictor.predict(point, label, multimask_output=False)[0])
+        except SamOnnxError:  # a decoder of the three multimask outputs only (sam2_official)
+            pass
+        return np.concatenate(found)
 
 
 def _centre(image: np.ndarray) -> np.ndarray:
