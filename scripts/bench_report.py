@@ -86,7 +86,10 @@ def main() -> None:
         f"task: no CUDA or fp16 rows). Medians of {args.repeat} runs after a warm-up, each "
         "pipeline in a fresh process; ratio = ONNX / PyTorch. The encoder always sees a "
         "1024x1024 input, so image size moves only pre-processing and the prompt's upscaling. "
-        f"fp32 GEMM rate measured in the same runs: {env['gemm_gflops']:.0f} GFLOP/s. "
+        "ONNX % of GEMM floor: the encoder's FLOPs over the fp32 MatMul rate ONNX Runtime "
+        "itself reached between the encoder's runs (sam-onnx bench since 2026-12-03; rows "
+        f"measured before used torch.mm's rate; torch.mm reached {env['gemm_gflops']:.0f} "
+        "GFLOP/s in the last row's run). "
         "Regenerate with `python scripts/bench_report.py --graphs DIR`; every number is in "
         f"`{args.json}`.",
         "",
