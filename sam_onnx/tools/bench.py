@@ -69,14 +69,14 @@ class BenchReport:
 
     def markdown(self) -> str:
         torch_m = self.pipelines.get("PyTorch", {})
-        onnx_labels = [k for k in self.pipelines if k != "PyTorch"]  # and the peers
-        head = ["metric", "PyTorch"] + [x for k in onnx_labels for x in (k, "ratio")]
+        others = [k for k in self.pipelines if k != "PyTorch"]  # ONNX Runtime's and the peers'
+        head = ["metric", "PyTorch"] + [x for k in others for x in (k, "ratio")]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for key, label, fmt in _ROWS:
-            if key not in torch_m and not any(key in self.pipelines[k] for k in onnx_labels):
+            if key not in torch_m and not any(key in self.pipelines[k] for k in others):
                 continue
             cells = [label, _cell(torch_m, key, fmt)]
-            for k in onnx_labels:
+            for k in others:
                 m = self.pipelines[k]
                 cells.append(_cell(m, key, fmt))
                 ratio = (m[key]["median"] if isinstance(m.get(key), dict) else m.get(key))
