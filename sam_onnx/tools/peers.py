@@ -98,14 +98,15 @@ class _Notebook:
     embedding, the ONNX decoder for the prompt."""
 
     def __init__(self, graphs, model_type, checkpoint, random_weights) -> None:
-        import onnxruntime as ort
         from segment_anything import SamPredictor
 
+        from ..backend import onnxruntime as ort
         from ..exporter.checkpoints import load_weights
 
         sam = load_weights(model_type, checkpoint, random_weights=random_weights,
                            progress=False).sam
         self.predictor = SamPredictor(sam)
+        # the notebook's own plain session, not sam-onnx's (runtime.sessions): its way
         self.session = ort.InferenceSession(str(graphs["decoder"]),
                                             providers=["CPUExecutionProvider"])
         self.threshold = sam.mask_threshold
