@@ -17,8 +17,7 @@ import click
 
 from .core import logs
 from .core.errors import SamOnnxError
-from .families import CONTRACTS, EXPORTED_DECODERS, MODEL_NAMES
-from .families.sam.contracts import CONVERTIBLE
+from .families import CONTRACTS, CONVERTIBLE, EXPORTED_DECODERS, MODEL_NAMES
 
 
 class Terminated(KeyboardInterrupt):

@@ -5,6 +5,8 @@ too: use_m2m, multimask_output), validated, repaired, segmented; and the graphs 
 own export code makes (the form X-AnyLabeling loads) recognised and run."""
 import json
 import os
+import re
+import shlex
 import subprocess
 import sys
 import warnings
@@ -294,3 +296,36 @@ def test_segment_runs_sam2_with_its_options_and_embeddings_keep_the_maps(sam2, t
     again.load_embedding(tmp_path / "emb.npz")
     assert set(again.encoded) == {"image_embed", "high_res_feats_0", "high_res_feats_1"}
     np.testing.assert_array_equal(again.predict(np.array([[150, 100]]), np.array([1]))[2], first)
+
+
+def test_repair_converts_onnxruntimes_three_mask_decoder_to_samexporters_form(
+        onnxruntime_graphs, sam2, tmp_path):
+    """ONNX Runtime's --multimask_output decoder -> sam2_official (the form X-AnyLabeling
+    loads): validate prints the command, the command converts it, and the result gives the
+    original's masks; ONNX Runtime's default one-mask decoder is refused in one line."""
+    multimask = onnxruntime_graphs["multimask"]
+    report = sam_onnx.validate(multimask, feed="sam2_official")
+    assert not report.ok
+    (command,) = {re.search(r"sam-onnx repair [^;()]*", f.fix).group(0).strip()
+                  for f in report.findings if f.code == "SAM020"}
+    args = shlex.split(command)[1:]
+    assert args[:3] == ["repair", str(multimask), "-o"] and \
+        args[4:] == ["--auto", "--feed", "sam2_official"]
+    fixed = Path(args[3])
+    proc = run_cli(*args)  # run as printed
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "matches the sam2_official contract" in sam_onnx.validate(fixed).to_text()
+    result = sam_onnx.repair(multimask, tmp_path / "again.onnx", contract="sam2_official")
+    assert result.parity.passed  # masks = ONNX Runtime's low-res logits, scores equal
+    image, point, label = synthetic(150, 260), np.array([[200, 40]]), np.array([1])
+    masks = []
+    for decoder in (multimask, fixed):
+        predictor = sam_onnx.SamOnnxPredictor(sam2["encoder"], decoder)
+        predictor.set_image(image)
+        masks.append(predictor.predict(point, label, return_logits=True)[0])
+    np.testing.assert_allclose(masks[1], masks[0], atol=1e-4)
+    proc = run_cli("repair", onnxruntime_graphs["decoder"], "-o", tmp_path / "one.onnx",
+                   "--contract", "sam2_official")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "returns one mask a prompt, sam2_official three" in proc.stderr
+    assert not (tmp_path / "one.onnx").exists()

@@ -14,7 +14,9 @@ from ..core.errors import CheckpointError, SamOnnxError
 from .base import Family, by_name
 from .mobile_sam import MOBILE_SAM
 from .sam import SAM
+from .sam import contracts as sam_contracts
 from .sam2 import SAM2
+from .sam2 import contracts as sam2_contracts
 from .sam_hq import SAM_HQ
 
 FAMILIES: Dict[str, Family] = {f.name: f for f in (SAM, MOBILE_SAM, SAM_HQ, SAM2)}
@@ -30,6 +32,8 @@ DECODER_CONTRACTS: Tuple[str, ...] = tuple(n for n, c in CONTRACTS.items()
 #: The decoder contracts sam-onnx exports (the others are other tools' forms it recognises).
 EXPORTED_DECODERS: Tuple[str, ...] = tuple(n for f in FAMILIES.values()
                                            for n in f.exported_decoders)
+#: The decoder contracts ``repair --contract`` converts a decoder to (graph.passes).
+CONVERTIBLE: Tuple[str, ...] = (*sam_contracts.CONVERTIBLE, *sam2_contracts.CONVERTIBLE)
 #: Other tools' tensor names -> the families' own (ONNX Runtime's SAM 2 names).
 ALIASES: Dict[str, str] = {k: v for f in FAMILIES.values() for k, v in f.aliases.items()}
 
@@ -76,5 +80,5 @@ def of_graph(record: Mapping) -> Optional[Family]:
 
 
 __all__ = ["FAMILIES", "MODELS", "MODEL_NAMES", "CONTRACTS", "DECODER_CONTRACTS",
-           "EXPORTED_DECODERS", "ALIASES", "Family",
+           "EXPORTED_DECODERS", "CONVERTIBLE", "ALIASES", "Family",
            "family_of", "get_contract", "identify", "declaring", "of_graph"]

@@ -54,8 +54,9 @@ def example_arrays(contract: GraphContract) -> Dict[str, np.ndarray]:
     if "point_labels" in arrays:
         arrays["point_labels"][...] = 1.0
         arrays["point_labels"][..., -1] = -1.0
-    if "orig_im_size" in arrays:
-        arrays["orig_im_size"][:] = EXAMPLE_IMAGE_SIZE
+    for size in ("orig_im_size", "original_image_size"):  # ONNX Runtime's SAM 2 name
+        if size in arrays:
+            arrays[size][:] = EXAMPLE_IMAGE_SIZE
     return arrays
 
 

@@ -5,7 +5,7 @@ Each edit returns what it changed (an empty list: nothing to do). Also here: the
 runtime makes to a graph it loads (``keep_outputs``, ``bind_inputs``)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -21,6 +21,8 @@ from ..families.sam.contracts import (
     IMAGE_SIZE,
     NUM_MASK_TOKENS,
 )
+from ..families.sam2.contracts import ALIASES as SAM2_ALIASES
+from ..families.sam2.contracts import SAM2_OFFICIAL, SAM2_ORT, SAM2_ORT_MULTIMASK
 from . import io as graph_io
 from . import signature
 
@@ -162,6 +164,58 @@ def to_official(model: onnx.ModelProto) -> List[str]:
                      outputs["iou_predictions"], outputs["low_res_masks"]])
     _prune(g)
     return [f"{done} and orig_im_size", "added upscale-and-crop to orig_im_size: output masks"]
+
+
+#: What to_sam2_official names differently: ONNX Runtime's inputs by samexporter's names, its
+#: low-res logits as ``masks``; ``None``: its full-size bool masks, dropped.
+SAM2_ORT_NAMES = {**{k: v for k, v in SAM2_ALIASES.items() if k != "original_image_size"},
+                  "masks": None, "low_res_masks": "masks"}
+
+
+def to_sam2_official(model: onnx.ModelProto) -> List[str]:
+    """ONNX Runtime's SAM 2 decoder written with its three multimask outputs
+    (``sam2_ort_multimask``) becomes samexporter's seven-input ``sam2_official``, the form
+    X-AnyLabeling loads: samexporter's input names, float32 labels (cast to the int32 the
+    graph computes with), no original_image_size, and its clipped low-res logits as
+    ``masks`` instead of the full-size bool masks. ONNX Runtime's default decoder, one
+    stability-chosen mask a prompt, has no three masks to return: refused."""
+    g = model.graph
+    names = {v.name for v in g.input}
+    if names == set(SAM2_ORT.input_names) and \
+            signature.nearest_contract(model)[0].name == SAM2_ORT.name:
+        raise SamOnnxError("this ONNX Runtime SAM 2 decoder returns one mask a prompt, "
+                           "sam2_official three: export ONNX Runtime's decoder with "
+                           "--multimask_output, or sam2_official with sam-onnx export")
+    if names != set(SAM2_ORT_MULTIMASK.input_names):
+        raise SamOnnxError("only ONNX Runtime's SAM 2 decoder (sam2_ort_multimask) can be "
+                           "converted to the sam2_official contract")
+    _keep_outputs(g, ["low_res_masks", "iou_predictions"])  # the full-size masks go...
+    if "original_image_size" in signature.consumed_names(g):
+        raise SamOnnxError("this decoder reads original_image_size for more than resizing its "
+                           "masks; it cannot become sam2_official")
+    kept = [v for v in g.input if v.name != "original_image_size"]  # ...and what sized them
+    del g.input[:]
+    g.input.extend(kept)
+    for old, new in SAM2_ORT_NAMES.items():
+        if new is not None:
+            _rename_everywhere(g, old, new)
+    labels = "sam_onnx_point_labels_int32"
+    _rename_everywhere(g, "point_labels", labels)
+    for v in g.input:  # the input keeps its name, as float32; the graph reads the cast
+        if v.name == labels:
+            v.name = "point_labels"
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    g.node.insert(0, helper.make_node("Cast", ["point_labels"], [labels], to=TensorProto.INT32))
+    order = {n: i for i, n in enumerate(SAM2_OFFICIAL.input_names)}
+    inputs = sorted(g.input, key=lambda v: order[v.name])
+    del g.input[:]
+    g.input.extend(inputs)
+    outputs = sorted(g.output, key=lambda v: SAM2_OFFICIAL.output_names.index(v.name))
+    del g.output[:]
+    g.output.extend(outputs)
+    return ["inputs renamed as samexporter's, point_labels float32 (cast to int32 inside)",
+            "dropped original_image_size and the full-size bool masks: masks are the clipped "
+            "low-res logits"]
 
 
 def _upscale_nodes(g: onnx.GraphProto, low_res: str, out: str) -> List[onnx.NodeProto]:
@@ -457,6 +511,9 @@ class Pass:
     selects: Optional[str] = None
     #: Outputs the pass means to change (a wrong crop made right): not compared.
     recomputes: Tuple[str, ...] = ()
+    #: Names the pass gives inputs and outputs (None: an output it drops): the original's
+    #: outputs are compared with the result's under these.
+    renames: Dict[str, Optional[str]] = field(default_factory=dict)
 
     def wanted(self, value) -> bool:
         if self.selects is not None:
@@ -488,7 +545,8 @@ def _fp16(model: onnx.ModelProto, _):
 
 #: Decoder contract -> the edit that converts a decoder to it.
 CONTRACT_CONVERSIONS = {"official": to_official, "official_single": to_single,
-                        "lowres": to_lowres, "batched": to_batched}
+                        "lowres": to_lowres, "batched": to_batched,
+                        "sam2_official": to_sam2_official}
 
 #: Every repair pass, in the order ``repair`` applies the ones asked for.
 PASSES: Dict[str, Pass] = {p.name: p for p in (
@@ -504,7 +562,8 @@ PASSES: Dict[str, Pass] = {p.name: p for p in (
          recomputes=("masks",)),
     *(Pass(f"to_{name}", "contract", _in_place(convert, with_value=False), "fp32",
            f"convert a decoder to the {name} contract (the outputs both have are compared)",
-           selects=name) for name, convert in CONTRACT_CONVERSIONS.items()),
+           selects=name, renames=SAM2_ORT_NAMES if name == "sam2_official" else {})
+      for name, convert in CONTRACT_CONVERSIONS.items()),
     Pass("opset", "opset", _opset, "fp32", "onnx's version converter"),
     Pass("ir_version", "ir_version", _in_place(set_ir_version), "fp32", "lower the IR version"),
     Pass("simplify", "simplify", _simplify, "fp32", "onnxsim"),

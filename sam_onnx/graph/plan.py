@@ -19,6 +19,9 @@ from . import passes, signature
 CONVERSIONS = {("official", frozenset(CONTRACTS["lowres"].input_names)): "official",
                ("lowres", frozenset(CONTRACTS["official"].input_names)): "lowres",
                ("batched", frozenset(passes.UNFILTERED_BATCHED_INPUTS)): "batched"}
+#: (the feed's contract, another tool's form the graph matches whole) -> the conversion; its
+#: names are the conversion's to change, not renames to guess.
+FROM_FORMS = {("sam2_official", "sam2_ort_multimask"): "sam2_official"}
 
 
 def auto(model: onnx.ModelProto, feed: str) -> dict:
@@ -28,6 +31,10 @@ def auto(model: onnx.ModelProto, feed: str) -> dict:
     plan = _version_plan(model)
     if any(v.name in {i.name for i in model.graph.initializer} for v in model.graph.input):
         plan["drop_initializer_inputs"] = True
+    form, problems = signature.nearest_contract(model)
+    if not problems and (feed, form.name) in FROM_FORMS:
+        plan["contract"] = FROM_FORMS[feed, form.name]
+        return plan
     renames = _renames(model, CONTRACTS[feed])
     if renames:
         plan["rename"] = renames

@@ -69,8 +69,9 @@ def repair(src, dst=None, *, rename: Optional[Dict[str, str]] = None,
     _restamp(model, changes)
     precision = "fp16" if any(p.precision == "fp16" for p in applied) else "fp32"
     recomputed = {name for p in applied for name in p.recomputes}
+    renames = {**options["rename"], **{k: v for p in applied for k, v in p.renames.items()}}
     result = _write_checked(model, src, original, dst, keep_external, auto_feed, changes,
-                            options["rename"], precision, recomputed, in_place)
+                            renames, precision, recomputed, in_place)
     result.report = Report([f.__class__(**{**f.to_dict(), "model": str(dst)})
                             for f in result.report.findings])
     return result
@@ -185,20 +186,21 @@ def _compare(src: Path, original: onnx.ModelProto, repaired: Path, renames: Dict
     less those a pass ``recomputed`` on purpose."""
     base = synthesize(original, None)
     new_model = onnx.load(str(repaired), load_external_data=False)
-    arrays = {renames.get(k, k): v for k, v in base.items()}
+    arrays = {renames.get(k) or k: v for k, v in base.items()}
     mask = arrays.get("mask_input")
     defaults = {"has_mask_input": np.array([float(mask is not None and np.any(mask))], np.float32),
                 "orig_im_size": np.array([1024.0, 1024.0], np.float32),
                 "pred_iou_thresh": np.array([EVERY_PROMPT], np.float32)}
-    feed_new = {t.name: arrays.get(t.name, defaults.get(t.name))
-                for t in signature.graph_inputs(new_model)}
+    feed_new = {t.name: np.asarray(arrays.get(t.name, defaults.get(t.name)), t.dtype)
+                for t in signature.graph_inputs(new_model)}  # a cast input: its new dtype
     cpu = SessionConfig(providers=("cpu",))
     try:
         old = sessions.create(src, cpu)
     except Exception:  # e.g. the IR version this repair lowered
         return None
     new = sessions.create(repaired, cpu)
-    old_out = {renames.get(n, n): v for n, v in zip(old.output_names, old.run(None, base))}
+    old_out = {renames.get(n, n): v for n, v in zip(old.output_names, old.run(None, base))
+               if renames.get(n, n) is not None}  # None: an output the repair dropped
     new_out = dict(zip(new.output_names, new.run(None, feed_new)))
     shared = {k: v for k, v in old_out.items() if k in new_out and k not in recomputed}
     if "iou_predictions" in shared and \

@@ -152,5 +152,8 @@ ALIASES = {"image_features_0": "high_res_feats_0", "image_features_1": "high_res
 CONTRACTS: Dict[str, GraphContract] = {
     c.name: c for c in (SAM2_ENCODER, SAM2_ORT_ENCODER, SAM2_OFFICIAL, SAM2_BATCHED, SAM2_ORT,
                         SAM2_ORT_MULTIMASK)}
+#: The decoder contracts ``repair --contract`` converts a decoder to: ONNX Runtime's
+#: three-mask form to samexporter's (graph.passes.to_sam2_official).
+CONVERTIBLE = (SAM2_OFFICIAL.name,)
 #: Declared to recognise and run other tools' graphs; sam-onnx does not export them.
 RECOGNISED_ONLY = (SAM2_ORT_ENCODER.name, SAM2_ORT.name, SAM2_ORT_MULTIMASK.name)
