@@ -14,7 +14,7 @@ import numpy as np
 
 from ..core.contracts import GraphContract
 from ..core.errors import SamOnnxError
-from ..families import CONTRACTS
+from ..families import ALIASES, CONTRACTS
 
 #: Values for symbolic dims when a feed is synthesized: two points, as SamPredictor's
 #: one click plus the padding point; two prompts for a batched decoder.
@@ -54,9 +54,9 @@ def example_arrays(contract: GraphContract) -> Dict[str, np.ndarray]:
     if "point_labels" in arrays:
         arrays["point_labels"][...] = 1.0
         arrays["point_labels"][..., -1] = -1.0
-    for size in ("orig_im_size", "original_image_size"):  # ONNX Runtime's SAM 2 name
-        if size in arrays:
-            arrays[size][:] = EXAMPLE_IMAGE_SIZE
+    for name in arrays:  # orig_im_size, or another tool's name for it (ALIASES)
+        if ALIASES.get(name, name) == "orig_im_size":
+            arrays[name][:] = EXAMPLE_IMAGE_SIZE
     return arrays
 
 

@@ -548,6 +548,9 @@ CONTRACT_CONVERSIONS = {"official": to_official, "official_single": to_single,
                         "lowres": to_lowres, "batched": to_batched,
                         "sam2_official": to_sam2_official}
 
+#: The names a conversion gives another tool's inputs and outputs (see Pass.renames).
+CONVERSION_NAMES = {"sam2_official": SAM2_ORT_NAMES}
+
 #: Every repair pass, in the order ``repair`` applies the ones asked for.
 PASSES: Dict[str, Pass] = {p.name: p for p in (
     Pass("drop_initializer_inputs", "drop_initializer_inputs",
@@ -562,7 +565,7 @@ PASSES: Dict[str, Pass] = {p.name: p for p in (
          recomputes=("masks",)),
     *(Pass(f"to_{name}", "contract", _in_place(convert, with_value=False), "fp32",
            f"convert a decoder to the {name} contract (the outputs both have are compared)",
-           selects=name, renames=SAM2_ORT_NAMES if name == "sam2_official" else {})
+           selects=name, renames=CONVERSION_NAMES.get(name, {}))
       for name, convert in CONTRACT_CONVERSIONS.items()),
     Pass("opset", "opset", _opset, "fp32", "onnx's version converter"),
     Pass("ir_version", "ir_version", _in_place(set_ir_version), "fp32", "lower the IR version"),

@@ -223,8 +223,7 @@ def graphs(peer: Peer, model_type: str, checkpoint, random_weights: bool, checks
     stamp = where / "made_from.json"
     made_from = {"model_type": model_type, "weights": checksum}
     paths = {role: where / name for role, name in peer.files.items()}
-    if stamp.exists() and json.loads(stamp.read_text()) == made_from and \
-            all(p.exists() for p in paths.values()):
+    if _read_stamp(stamp) == made_from and all(p.exists() for p in paths.values()):
         return paths
     where.mkdir(parents=True, exist_ok=True)
     with Staging(where) as staging:
@@ -233,6 +232,14 @@ def graphs(peer: Peer, model_type: str, checkpoint, random_weights: bool, checks
         (staging.dir / stamp.name).write_text(json.dumps(made_from) + "\n")
         staging.commit(p.name for p in staging.dir.iterdir())
     return paths
+
+
+def _read_stamp(path: Path) -> Optional[dict]:
+    """What the graphs there were made from, or None (none made, or a stamp not ours)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _make(name: str, model_type: str, checkpoint, random_weights: bool, folder: Path) -> None:

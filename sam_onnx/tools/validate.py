@@ -35,10 +35,10 @@ def synthesize(model: onnx.ModelProto, feed: Optional[feeds_.Feed]) -> dict:
     if feed is not None:
         return {n: e.array if e.array is not None else np.zeros(e.shape, e.dtype)
                 for n, e in feed.items()}
-    sizes = feeds_.SYMBOL_VALUES
     contract, problems = signature.nearest_contract(model)
     if not problems:
         return feeds_.example_arrays(contract)
+    sizes = feeds_.SYMBOL_VALUES
     return {t.name: np.zeros([d if isinstance(d, int) else sizes.get(d, 1) for d in t.shape],
                              dtype=t.dtype)
             for t in signature.graph_inputs(model)}
