@@ -201,6 +201,50 @@ def test_generator_mirrors_sam2s_generator_options(sam2, torch_model, options):
     assert parity.passed and parity.count == len(want) > 0, parity
 
 
+def test_the_batched_decoder_upscales_only_prompts_that_pass_and_records_stay_sam2s(
+        sam2, torch_model):
+    """sam2_batched's pred_iou_thresh: scores for every prompt, masks for those with a score
+    above it (the same masks as when every prompt's are asked for), none for none; and the
+    generator with that threshold gives SAM2AutomaticMaskGenerator's records."""
+    from sam_onnx.families.sam2.modeling import SamAutomaticMaskGenerator
+    from sam_onnx.runtime.amg import build_point_grid
+
+    img = synthetic(200, 300)
+    pred = sam_onnx.SamOnnxPredictor(sam2["encoder"], sam2["batched"])
+    pred.set_image(img)
+    points = (build_point_grid(4) * [300, 200])[:, None, :]  # the generator's grid
+    labels = np.ones((len(points), 1))
+    every, scores, kept_every = pred.predict_batch_filtered(points, labels, -np.inf)
+    np.testing.assert_array_equal(kept_every, np.arange(len(points)))
+    threshold = float(np.median(scores.max(axis=1)))  # about half the prompts pass
+    masks, again, kept = pred.predict_batch_filtered(points, labels, threshold)
+    np.testing.assert_array_equal(again, scores)
+    np.testing.assert_array_equal(kept, np.flatnonzero((scores > threshold).any(axis=1)))
+    assert 0 < len(kept) < len(points)
+    np.testing.assert_allclose(masks, every[kept], atol=1e-5)
+    none, _, kept = pred.predict_batch_filtered(points, labels, float(scores.max()))
+    assert none.shape == (0, 3, 256, 256) and len(kept) == 0  # no prompt passes: no masks
+    # the graph itself returns the kept prompts' logits only; the multimask outputs read,
+    # the single-mask token's threshold is +inf (with random weights it passes everywhere)
+    import onnxruntime as ort
+
+    n = len(points)
+    low_res, _, kept = ort.InferenceSession(str(sam2["batched"])).run(None, {
+        **pred.encoded, "point_coords": (points * [1024 / 300, 1024 / 200]).astype(np.float32),
+        "point_labels": labels.astype(np.float32),
+        "mask_input": np.zeros((n, 1, 256, 256), np.float32),
+        "has_mask_input": np.zeros(n, np.float32),
+        "pred_iou_thresh": np.array([np.inf, threshold, threshold, threshold], np.float32)})
+    np.testing.assert_array_equal(kept, np.flatnonzero((scores > threshold).any(axis=1)))
+    assert low_res.shape == (len(kept), 4, 256, 256) and 0 < len(kept) < n
+
+    settings = dict(points_per_side=4, **{**KEEP_ALL, "pred_iou_thresh": threshold})
+    want = SamAutomaticMaskGenerator(torch_model, **settings).generate(img)
+    got = sam_onnx.SamOnnxAutomaticMaskGenerator(pred, **settings).generate(img)
+    parity = compare_records(want, got)
+    assert parity.passed and 0 < parity.count == len(want) < 3 * len(points), parity
+
+
 def test_the_generator_takes_sam2s_defaults(sam2):
     generator = sam_onnx.SamOnnxAutomaticMaskGenerator((sam2["encoder"], sam2["batched"]))
     assert generator.pred_iou_thresh == 0.8  # SAM2AutomaticMaskGenerator's, not SAM's 0.88

@@ -544,13 +544,25 @@ class SamOnnxPredictor:
             **_mask_prompt(mask_input, self._low_res_size,
                            len(coords) if self._mask_rows else 1),
             "orig_im_size": np.array(self.original_size, np.float32),
-            "pred_iou_thresh": np.array([pred_iou_thresh], np.float32),
+            "pred_iou_thresh": self._iou_thresholds(pred_iou_thresh, multimask_output),
             "multimask_output": np.array([float(multimask_output)], np.float32),
             "hq_token_only": np.array([float(hq_token_only)], np.float32),
         }
         return {name: np.asarray(values[canonical],
                                  self.decoder_contract.input(name).dtype)
                 for canonical, name in takes.items()}
+
+    def _iou_thresholds(self, value: float, multimask_output: bool) -> np.ndarray:
+        """A batched decoder's ``pred_iou_thresh``: one for every mask token (SAM's), or one a
+        token (SAM 2's), the single-mask token's +inf when the multimask outputs are read:
+        otherwise its score alone would have the graph upscale prompts whose masks are all
+        dropped (random sam2.1 tiny weights: every prompt)."""
+        name = self.inputs.get("pred_iou_thresh")
+        shape = (1,) if name is None else self.decoder_contract.input(name).shape
+        thresholds = np.full(shape, value, np.float32)
+        if multimask_output and len(thresholds) > 1:
+            thresholds[0] = np.inf
+        return thresholds
 
     def _canonical(self, encoded: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
         """Encoder outputs under the family's names (ONNX Runtime's SAM 2 encoder calls the

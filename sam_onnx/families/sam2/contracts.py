@@ -16,7 +16,7 @@ import dataclasses
 from typing import Dict
 
 from ...core.contracts import GraphContract, Postprocess, TensorSpec
-from ..sam.contracts import DECODER_OFFICIAL, ENCODER
+from ..sam.contracts import DECODER_BATCHED, DECODER_OFFICIAL, ENCODER
 from ..sam.contracts import PREPROCESS as SAM_PREPROCESS
 
 IMAGE_SIZE = 1024
@@ -85,15 +85,23 @@ SAM2_OFFICIAL = GraphContract(
 SAM2_BATCHED = GraphContract(
     name="sam2_batched",
     role="decoder",
-    doc="The same inputs, all four mask tokens returned unclipped: what multimask_output=False "
-    "(SAM 2's stability-chosen single mask) and the automatic mask generator's "
-    "multimask_output option need.",
-    inputs=_INPUTS,
+    doc="The same inputs and a threshold; every mask token's score for every prompt, and all "
+    "four tokens' unclipped logits for the prompts whose scores pass the threshold: what "
+    "multimask_output=False (SAM 2's stability-chosen single mask) and the automatic mask "
+    "generator need (it drops the other prompts' masks unseen, and the upscaler is most of "
+    "a prompt's time).",
+    inputs=(*_INPUTS, TensorSpec(
+        "pred_iou_thresh", _FP32, (NUM_MASK_TOKENS,),
+        "one per mask token (single-mask token first): masks are computed for every prompt "
+        "except those whose predicted IoUs are all at or below their token's threshold; +inf "
+        "leaves a token out (the single-mask token when the multimask outputs are read: its "
+        "score would keep prompts whose masks are then dropped), -inf keeps every prompt")),
     outputs=(
-        TensorSpec("low_res_masks", _FP32, (_N, NUM_MASK_TOKENS, _M, _M),
-                   "mask logits at 256x256 per prompt (single-mask token first)"),
+        TensorSpec("low_res_masks", _FP32, ("num_kept", NUM_MASK_TOKENS, _M, _M),
+                   "mask logits at 256x256 per kept prompt (single-mask token first)"),
         TensorSpec("iou_predictions", _FP32, (_N, NUM_MASK_TOKENS),
                    "predicted IoU per prompt and mask"),
+        DECODER_BATCHED.output("kept_prompts"),
     ),
     tolerances=_TOLERANCES,
 )

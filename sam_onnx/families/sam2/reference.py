@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from sam2.sam2_image_predictor import SAM2ImagePredictor
 
-from ...core.contracts import GraphContract
+from ...core.contracts import EVERY_PROMPT, GraphContract
 from ..sam.reference import PROMPTS, Prompt, grid_points
-from .contracts import IMAGE_SIZE, MASK_INPUT_SIZE, SAM2_ENCODER
+from .contracts import IMAGE_SIZE, MASK_INPUT_SIZE, NUM_MASK_TOKENS, SAM2_ENCODER
 
 __all__ = ["PROMPTS", "encoder_input", "encoder_reference", "random_encoder_outputs",
            "decoder_feed", "decoder_reference"]
@@ -54,8 +54,9 @@ def _grid(prompt: Prompt):
 
 
 def decoder_feed(contract: GraphContract, encoded: Arrays, prompt: Prompt) -> Arrays:
-    """``sam2_batched`` gets a grid of prompts at once; ``sam2_official`` the prompt itself
-    (box corners first, as SAM2ImagePredictor); the graphs add the padding point."""
+    """``sam2_batched`` gets a grid of prompts at once, every one's masks asked for;
+    ``sam2_official`` the prompt itself (box corners first, as SAM2ImagePredictor); the
+    graphs add the padding point."""
     if contract.name == "sam2_batched":
         coords, labels = _grid(prompt)
         with_mask = False
@@ -73,7 +74,8 @@ def decoder_feed(contract: GraphContract, encoded: Arrays, prompt: Prompt) -> Ar
         mask[...] = np.random.default_rng(1).standard_normal(mask.shape)
     values = {**encoded, "point_coords": coords.astype(np.float32),
               "point_labels": labels.astype(np.float32), "mask_input": mask,
-              "has_mask_input": np.full(n, float(with_mask), np.float32)}
+              "has_mask_input": np.full(n, float(with_mask), np.float32),
+              "pred_iou_thresh": np.full(NUM_MASK_TOKENS, EVERY_PROMPT, np.float32)}
     return {name: values[name] for name in contract.input_names}
 
 
@@ -89,7 +91,8 @@ def decoder_reference(model, contract: GraphContract, encoded: Arrays, prompt: P
             image_embeddings=embed, image_pe=model.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, repeat_image=True,
             high_res_features=high_res)
-        return {"low_res_masks": masks.numpy(), "iou_predictions": scores.numpy()}
+        return {"low_res_masks": masks.numpy(), "iou_predictions": scores.numpy(),
+                "kept_prompts": np.arange(len(scores), dtype=np.int64)}
     predictor = SAM2ImagePredictor(model, disable_torch_jit=True)  # its transforms unused
     predictor._features = {"image_embed": embed, "high_res_feats": high_res}
     predictor._orig_hw, predictor._is_image_set = [prompt.image_size], True
