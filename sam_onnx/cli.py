@@ -349,7 +349,7 @@ def _bbox(mask) -> list:
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True)  # strings: a Path would fold s3:// to s3:/
 @_runtime_options
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), required=True,
               help="Folder for IMAGE.json (COCO-style, compressed RLE) and IMAGE.png (overlay).")
@@ -387,7 +387,8 @@ def _bbox(mask) -> list:
                   "command again to go on")
 def segment(inputs, encoder, decoder, out_dir, workers, threads, engine, address, providers,
             **generator) -> None:
-    """Segment everything in each image (files or folders of images): segment_anything's
+    """Segment everything in each image (files, folders, globs, list files; URIs such as
+    s3://bucket/images/ through pyarrow.fs, as Ray Data reads them): segment_anything's
     automatic mask generator on ONNX Runtime; best with a batched decoder (export
     --decoder-contract batched). Writes IMAGE.json and IMAGE.png per image, and
     manifest.jsonl and annotations.json (COCO) for the dataset; run again, it resumes: images

@@ -130,16 +130,18 @@ def test_segment_dataset_is_the_librarys_call(graphs, tmp_path):
 
 # -- the Ray engine (a local Ray, started by the command itself) ---------------------------
 def test_ray_engine_records_a_corrupt_image_and_a_rerun_redoes_only_it(graphs, tmp_path):
+    """The images given as a file:// URI: the actors read them through pyarrow.fs."""
     _ray()
     folder = _images(tmp_path / "imgs", corrupt=["broken.png"])
     out = tmp_path / "out"
-    proc = run_cli("segment", folder, *graphs, "--out", out, *FAST, "--engine", "ray",
-                   "--workers", "2", timeout=600)
+    proc = run_cli("segment", folder.as_uri(), *graphs, "--out", out, *FAST, "--engine",
+                   "ray", "--workers", "2", timeout=600)
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert "4 done, 1 failed, 0 skipped" in proc.stdout
-    rerun = run_cli("segment", folder, *graphs, "--out", out, *FAST, "--engine", "ray",
-                    timeout=600)
+    assert read_manifest(out)["img3.png"]["path"] == f"{folder.as_uri()}/img3.png"
+    rerun = run_cli("segment", folder.as_uri(), *graphs, "--out", out, *FAST, "--engine",
+                    "ray", timeout=600)
     assert rerun.returncode == 1 and "0 done, 1 failed, 4 skipped" in rerun.stdout
 
 
@@ -200,23 +202,56 @@ def test_ray_engine_without_ray_or_with_a_stray_address_says_what_to_do(graphs, 
         proc.stderr
 
 
-def test_images_from_globs_and_list_files_and_a_uri_refused(tmp_path):
+def test_images_from_globs_list_files_and_uris(tmp_path):
     from sam_onnx.core.errors import SamOnnxError
-    from sam_onnx.tools.segment import find_images
+    from sam_onnx.tools.segment import RemoteImage, check_outputs, find_images
 
     folder = _images(tmp_path / "imgs", n=3)
-    (tmp_path / "list.txt").write_text("# the first two\nimgs/img0.png\n\nimgs/img1.png\n")
-    assert find_images([tmp_path / "list.txt"]) == [folder / "img0.png", folder / "img1.png"]
+    (tmp_path / "list.txt").write_text("# the first two\nimgs/img0.png\n\nimgs/img1.png\n"
+                                       f"{(folder / 'img2.png').as_uri()}\n")
+    assert find_images([tmp_path / "list.txt"]) == [folder / "img0.png", folder / "img1.png",
+                                                    RemoteImage(f"{folder.as_uri()}/img2.png")]
     assert find_images([f"{folder}/img[12].png"]) == [folder / "img1.png", folder / "img2.png"]
     assert find_images([f"{tmp_path}/**/*.png"]) == [folder / f"img{i}.png" for i in range(3)]
+    # a URI through pyarrow.fs, as Ray Data reads it: a folder, a pattern, one file
+    remote = [RemoteImage(f"{folder.as_uri()}/img{i}.png") for i in range(3)]
+    assert find_images([folder.as_uri()]) == remote
+    assert find_images([f"{folder.as_uri()}/img[12].png"]) == remote[1:]
+    assert find_images([remote[0].uri]) == remote[:1] and remote[0].stem == "img0"
     for bad, words in (([f"{folder}/*.tif"], "matches no images"),
-                       (["s3://bucket/images"], "remote URIs are not read"),
+                       ([f"{folder.as_uri()}/*.tif"], "matches no images"),
+                       ([f"{folder.as_uri()}/nope"], "does not exist"),
+                       (["nosuch://bucket/images"], "cannot open its filesystem .* give a URI "
+                                                    "pyarrow.fs reads"),
                        ([tmp_path / "missing.txt"], "does not exist")):
         with pytest.raises(SamOnnxError, match=words):
             find_images(bad)
     (tmp_path / "bad.txt").write_text("imgs/nope.png\n")
     with pytest.raises(SamOnnxError, match="listed in"):
         find_images([tmp_path / "bad.txt"])
+    with pytest.raises(SamOnnxError, match="img0.png is an input"):  # file:// ones as well
+        check_outputs(remote, folder)
+
+
+def test_images_at_a_uri_give_the_files_records_and_resume(graphs, tmp_path):
+    """The local engine reading a folder by its file:// URI (pyarrow.fs, the code path an
+    s3:// or gs:// one takes): the same JSON as by its path, the URI in the manifest, a
+    re-run skips every image, a corrupt one is recorded by its URI."""
+    folder = _images(tmp_path / "imgs", n=2, corrupt=["broken.png"])
+    for name, source in (("by_path", folder), ("by_uri", folder.as_uri())):
+        proc = run_cli("segment", source, *graphs, "--out", tmp_path / name, *FAST)
+        assert proc.returncode == 1 and "2 done, 1 failed, 0 skipped" in proc.stdout, \
+            proc.stderr[-3000:]
+    for i in range(2):
+        assert (tmp_path / "by_uri" / f"img{i}.json").read_text() == \
+            (tmp_path / "by_path" / f"img{i}.json").read_text()
+    latest = read_manifest(tmp_path / "by_uri")
+    assert latest["img0.png"]["path"] == f"{folder.as_uri()}/img0.png"
+    assert latest["img0.png"]["sha256"] == read_manifest(tmp_path / "by_path")["img0.png"][
+        "sha256"]
+    assert "file://" in latest["broken.png"]["reason"]
+    rerun = run_cli("segment", folder.as_uri(), *graphs, "--out", tmp_path / "by_uri", *FAST)
+    assert rerun.returncode == 1 and "0 done, 1 failed, 2 skipped" in rerun.stdout
 
 
 def test_another_tools_annotations_or_manifest_in_out_is_refused_and_kept(graphs, tmp_path):

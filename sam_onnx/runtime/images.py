@@ -2,18 +2,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from ..core.errors import SamOnnxError
 
-ImageLike = Union[str, Path, Image.Image, np.ndarray]
+ImageLike = Union[str, Path, BinaryIO, Image.Image, np.ndarray]
 
 
 def load_image(image: ImageLike, image_format: str = "RGB") -> np.ndarray:
-    """A path (EXIF orientation applied), PIL image or array, as HxWx3 uint8 RGB.
+    """A path or binary stream (EXIF orientation applied), PIL image or array, as HxWx3
+    uint8 RGB.
 
     Grayscale is repeated to three channels, alpha is dropped, 16-bit images are mapped
     from 0..65535 (x / 257), float images from 0..1; ``image_format="BGR"`` flips the
@@ -23,6 +24,8 @@ def load_image(image: ImageLike, image_format: str = "RGB") -> np.ndarray:
         raise SamOnnxError(f"image_format must be RGB or BGR, not {image_format!r}")
     if isinstance(image, (str, Path)):
         image = _read(Path(image))
+    elif hasattr(image, "read"):  # a binary stream (a remote file's bytes)
+        image = _read(image)
     if isinstance(image, Image.Image):
         if image.mode in ("I;16", "I;16B", "I;16L", "I"):
             image = np.asarray(image)
@@ -42,9 +45,10 @@ def load_image(image: ImageLike, image_format: str = "RGB") -> np.ndarray:
     return np.ascontiguousarray(_to_uint8(arr))
 
 
-def _read(path: Path) -> Image.Image:
+def _read(source: Union[Path, BinaryIO]) -> Image.Image:
+    path = getattr(source, "name", source)
     try:
-        with Image.open(path) as pil:
+        with Image.open(source) as pil:
             pil = ImageOps.exif_transpose(pil)
             pil.load()
             return pil

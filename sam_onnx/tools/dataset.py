@@ -36,7 +36,16 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence,
 
 from ..core.errors import SamOnnxError
 from ..core.files import atomic_write
-from .segment import SegmentJob, check_outputs, find_images, outputs, run_images
+from .segment import (
+    ImageSource,
+    SegmentJob,
+    check_outputs,
+    find_images,
+    image_source,
+    open_image,
+    outputs,
+    run_images,
+)
 
 MANIFEST = "manifest.jsonl"
 ANNOTATIONS = "annotations.json"
@@ -62,9 +71,9 @@ class Summary:
                 f"{self.count('skipped')} skipped (done before)")
 
 
-def file_sha256(path: Path) -> str:
+def file_sha256(image: ImageSource) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_image(image) as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -132,8 +141,8 @@ def _append(path: Path, record: Dict) -> None:
         os.fsync(f.fileno())
 
 
-def plan(images: Sequence[Path], out_dir: Path, graphs: Dict[str, str],
-         previous: Dict[str, Dict]) -> Tuple[List[Tuple[Path, Dict]], List[Dict]]:
+def plan(images: Sequence[ImageSource], out_dir: Path, graphs: Dict[str, str],
+         previous: Dict[str, Dict]) -> Tuple[List[Tuple[ImageSource, Dict]], List[Dict]]:
     """(images to segment, each with its record so far; records of images to skip): an
     image is skipped when it was done for the same bytes and graphs and its outputs exist.
     New images get the next free ids."""
@@ -248,7 +257,7 @@ class _RayWorker:
         self.segmenter = Segmenter(job)
 
     def __call__(self, batch: Dict) -> Dict:
-        rows = [self.segmenter.segment(Path(path)) for path in batch["path"]]
+        rows = [self.segmenter.segment(image_source(path)) for path in batch["path"]]
         return {"path": [str(r["image_path"]) for r in rows],
                 "status": [r["status"] for r in rows],
                 "masks": [r.get("masks", -1) for r in rows],
@@ -256,7 +265,7 @@ class _RayWorker:
                 "seconds": [r["seconds"] for r in rows]}
 
 
-def run_on_ray(images: Sequence[Path], job: SegmentJob, actors: int,
+def run_on_ray(images: Sequence[ImageSource], job: SegmentJob, actors: int,
                address: Optional[str]) -> Iterator[Dict]:
     """Segment the images on Ray Data, yielding each one's result as it comes back. A local
     Ray (started here, stopped at the end) gets the actors fractional CPUs: on 2 cores two
@@ -285,7 +294,7 @@ def run_on_ray(images: Sequence[Path], job: SegmentJob, actors: int,
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_cpus=max(0.25, (total - 0.5) / actors))
         for row in results.iter_rows():
-            result = {"image_path": Path(row["path"]), "status": row["status"],
+            result = {"image_path": image_source(row["path"]), "status": row["status"],
                       "seconds": float(row["seconds"])}
             if row["status"] == "done":
                 result["masks"] = int(row["masks"])
