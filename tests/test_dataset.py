@@ -231,6 +231,14 @@ def test_images_from_globs_list_files_and_uris(tmp_path):
         find_images([tmp_path / "bad.txt"])
     with pytest.raises(SamOnnxError, match="img0.png is an input"):  # file:// ones as well
         check_outputs(remote, folder)
+    spaced = tmp_path / "a folder"  # percent-encoded in a URI, decoded for names and paths
+    spaced.mkdir()
+    Image.fromarray(synthetic(40, 40)).save(spaced / "an image.png")
+    (found,) = find_images([spaced.as_uri()])
+    assert found.name == "an image.png" and found.open().read() == \
+        (spaced / "an image.png").read_bytes()
+    with pytest.raises(SamOnnxError, match="an%20image.png is an input"):
+        check_outputs([found], spaced)
 
 
 def test_images_at_a_uri_give_the_files_records_and_resume(graphs, tmp_path):

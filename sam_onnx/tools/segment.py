@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Union
+from urllib.parse import quote, unquote
 
 from ..core.errors import SamOnnxError
 from ..core.files import atomic_write
@@ -39,7 +40,6 @@ class SegmentJob:
 
 #: A file listing images, one path or URI a line (paths relative to the list's folder).
 LIST_SUFFIXES = (".txt", ".lst")
-_PATTERN = "*?["
 
 
 @dataclass(frozen=True, order=True)
@@ -55,7 +55,7 @@ class RemoteImage:
 
     @property
     def name(self) -> str:
-        return PurePosixPath(self.uri.partition("?")[0].split("://", 1)[1]).name
+        return PurePosixPath(unquote(self.uri.partition("?")[0].split("://", 1)[1])).name
 
     @property
     def stem(self) -> str:
@@ -119,7 +119,8 @@ def _remote_images(uri: str) -> List[RemoteImage]:
     except OSError as exc:
         raise SamOnnxError(f"{uri}: cannot list it ({_one_line(exc)}); check the URI and "
                            "its credentials") from None
-    found = sorted(RemoteImage(f"{folder}/{item.base_name}{mark}{options}") for item in listed
+    found = sorted(RemoteImage(f"{folder}/{quote(item.base_name)}{mark}{options}")
+                   for item in listed
                    if item.type == fs.FileType.File
                    and PurePosixPath(item.base_name).suffix.lower() in IMAGE_SUFFIXES
                    and (not pattern or fnmatch.fnmatchcase(item.base_name, last)))
@@ -140,7 +141,7 @@ def find_images(inputs: Iterable) -> List[ImageSource]:
             images += _remote_images(text)
             continue
         path = Path(text)
-        if not path.exists() and any(c in text for c in _PATTERN):
+        if not path.exists() and any(c in text for c in "*?["):
             found = sorted(Path(p) for p in glob.glob(text, recursive=True)
                            if Path(p).suffix.lower() in IMAGE_SUFFIXES)
             if not found:
@@ -185,10 +186,11 @@ def check_outputs(images: Sequence[ImageSource], out_dir: Path) -> None:
     if out.exists() and not out.is_dir():
         raise SamOnnxError(f"--out {out} is a file; pass a folder")
     for image in images:
-        local = Path(image.uri[len("file://"):]) if str(image).startswith("file://") \
-            else image
+        local = Path(_filesystem(image.uri)[1]) if str(image).startswith("file://") \
+            else image  # a file:// URI's path, decoded (%20...) as pyarrow reads it
         for target in outputs(image, out):
-            if isinstance(local, Path) and target.exists() and os.path.samefile(target, local):
+            if isinstance(local, Path) and target.exists() and local.exists() and \
+                    os.path.samefile(target, local):
                 raise SamOnnxError(f"{image} is an input, and {image.stem}'s overlay would be "
                                    "written over it; pass an --out folder other than the "
                                    "images' own (an input is never overwritten)")
