@@ -174,6 +174,7 @@ class BatchedDecoder(_Decoder):
                             high_res_feats_0, high_res_feats_1)
         return masks, scores, kept
 
+
 DECODERS = {"sam2_official": OfficialDecoder, "sam2_batched": BatchedDecoder}
 
 
