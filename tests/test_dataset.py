@@ -241,6 +241,16 @@ def test_images_from_globs_list_files_and_uris(tmp_path):
         check_outputs([found], spaced)
 
 
+def test_a_uri_without_pyarrow_says_which_extra(monkeypatch):
+    from sam_onnx.core.errors import SamOnnxError
+    from sam_onnx.tools.segment import find_images
+
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # as where it is not installed
+    with pytest.raises(SamOnnxError, match=r"reading URIs needs pyarrow: pip install "
+                                           r"'sam-onnx\[ray\]'"):
+        find_images(["s3://bucket/images"])
+
+
 def test_images_at_a_uri_give_the_files_records_and_resume(graphs, tmp_path):
     """The local engine reading a folder by its file:// URI (pyarrow.fs, the code path an
     s3:// or gs:// one takes): the same JSON as by its path, the URI in the manifest, a
@@ -260,6 +270,14 @@ def test_images_at_a_uri_give_the_files_records_and_resume(graphs, tmp_path):
     assert "file://" in latest["broken.png"]["reason"]
     rerun = run_cli("segment", folder.as_uri(), *graphs, "--out", tmp_path / "by_uri", *FAST)
     assert rerun.returncode == 1 and "0 done, 1 failed, 2 skipped" in rerun.stdout
+    # a listed URI that is gone: recorded failed in one line, the others go on
+    (tmp_path / "list.txt").write_text(f"{folder.as_uri()}/gone.png\nimgs/img0.png\n")
+    gone = run_cli("segment", tmp_path / "list.txt", *graphs, "--out", tmp_path / "list",
+                   *FAST)
+    assert gone.returncode == 1 and "Traceback" not in gone.stderr, gone.stderr[-3000:]
+    assert "1 done, 1 failed, 0 skipped" in gone.stdout
+    assert read_manifest(tmp_path / "list")["gone.png"]["reason"].startswith(
+        f"cannot read {folder.as_uri()}/gone.png")
 
 
 def test_another_tools_annotations_or_manifest_in_out_is_refused_and_kept(graphs, tmp_path):

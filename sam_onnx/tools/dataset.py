@@ -143,26 +143,33 @@ def _append(path: Path, record: Dict) -> None:
 
 def plan(images: Sequence[ImageSource], out_dir: Path, graphs: Dict[str, str],
          previous: Dict[str, Dict]) -> Tuple[List[Tuple[ImageSource, Dict]], List[Dict]]:
-    """(images to segment, each with its record so far; records of images to skip): an
-    image is skipped when it was done for the same bytes and graphs and its outputs exist.
-    New images get the next free ids."""
+    """(images to segment, each with its record so far; records of images settled here): an
+    image is skipped when it was done for the same bytes and graphs and its outputs exist,
+    and failed when it cannot be read to hash (a URI listed but gone). New images get the
+    next free ids."""
     next_id = 1 + max((r.get("image_id", 0) for r in previous.values()), default=0)
-    todo, skipped = [], []
+    todo, settled = [], []
     for image in images:
         before = previous.get(image.name, {})
-        record = {"image": image.name, "path": str(image), "sha256": file_sha256(image),
-                  **graphs, "image_id": before.get("image_id", next_id)}
+        record = {"image": image.name, "path": str(image), **graphs,
+                  "image_id": before.get("image_id", next_id)}
         if "image_id" not in before:
             next_id += 1
+        try:
+            record["sha256"] = file_sha256(image)
+        except (OSError, SamOnnxError) as exc:
+            settled.append({**record, "status": "failed", "seconds": 0.0, "at": time.time(),
+                            "reason": f"cannot read {image} ({str(exc).splitlines()[0]})"})
+            continue
         if before.get("status") in ("done", "skipped") and \
                 before.get("sha256") == record["sha256"] and \
                 before.get("graphs") == graphs["graphs"] \
                 and all(p.exists() for p in outputs(image, out_dir)):
-            skipped.append({**before, **record, "status": "skipped", "seconds": 0.0,
+            settled.append({**before, **record, "status": "skipped", "seconds": 0.0,
                             "at": time.time()})
         else:
             todo.append((image, record))
-    return todo, skipped
+    return todo, settled
 
 
 def write_annotations(out_dir: Path, records: Iterable[Dict]) -> Path:
@@ -210,10 +217,10 @@ def segment_dataset(inputs: Iterable, out_dir, encoder, decoder, *,
     out.mkdir(parents=True, exist_ok=True)
     graphs = graphs_id(encoder, decoder)
     previous = read_manifest(out)
-    todo, skipped = plan(images, out, graphs, previous)
+    todo, settled = plan(images, out, graphs, previous)
     summary = Summary()
     manifest = out / MANIFEST
-    for record in skipped:
+    for record in settled:  # skipped, or failed before segmenting
         _append(manifest, record)
         summary.records.append(record)
         if on_image:

@@ -101,14 +101,13 @@ def _remote_images(uri: str) -> List[RemoteImage]:
     """A URI's images: the file, the images directly inside a folder, or those a pattern in
     its last part matches (``s3://bucket/tiles/*.tif``; ``?`` starts a URI's options, such
     as ``?region=``, so patterns use ``*`` and ``[...]``)."""
-    from pyarrow import fs
-
     address, mark, options = uri.partition("?")
     scheme, rest = address.split("://", 1)
     parent, _, last = rest.rstrip("/").rpartition("/")
     pattern = any(c in last for c in "*[")
     folder = f"{scheme}://{parent}" if pattern else address.rstrip("/")
-    filesystem, path = _filesystem(folder + mark + options)
+    filesystem, path = _filesystem(folder + mark + options)  # says if pyarrow is missing
+    from pyarrow import fs
     try:
         info = filesystem.get_file_info(path)
         if info.type == fs.FileType.File and not pattern:
