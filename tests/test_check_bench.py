@@ -12,6 +12,9 @@ from conftest import run_cli
 from onnx import numpy_helper
 from PIL import Image
 
+from sam_onnx.exporter.run import read_manifest
+from sam_onnx.graph import metadata
+
 
 @pytest.fixture(scope="module")
 def graphs(tiny_export, tiny_checkpoint, tiny_batched):
@@ -185,6 +188,7 @@ def test_bench_bad_arguments(graphs, args, code, words):
 
 @pytest.mark.heavy
 def test_check_and_bench_on_vit_b_random_weights(tmp_path):
+    """Both commands at full size; check's --export-to runs the exporter's own checks too."""
     image = tmp_path / "card.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (240, 320, 3), np.uint8)).save(image)
     out = tmp_path / "vit_b"
@@ -192,10 +196,17 @@ def test_check_and_bench_on_vit_b_random_weights(tmp_path):
                    "--decoder-contract", "batched", "--image", image)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
+    # the export's own checks at full size, as its manifest records them
+    graphs = {g["role"]: g for g in read_manifest(out / "vit_b_manifest.json")["graphs"]}
+    assert graphs["encoder"]["parity"]["passed"] and graphs["decoder"]["parity"]["passed"]
+    assert {r["feed"] for r in graphs["decoder"]["parity"]["rows"]} == {
+        "points+mask@534x800", "box+point@1200x1800"}
+    encoder = onnx.load(str(out / "vit_b_encoder.onnx"), load_external_data=False)
+    assert metadata.read(encoder)["model_type"] == "vit_b"
     js = tmp_path / "bench.json"
     proc = run_cli("bench", "--model", "vit_b", "--random-weights", "--encoder",
                    out / "vit_b_encoder.onnx", "--decoder", out / "vit_b_decoder_batched.onnx",
-                   "--image", image, "--repeat", "1", "--points-per-side", "2", "--json", js)
+                   "--image", image, "--repeat", "1", "--no-automatic", "--json", js)
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(js.read_text())["pipelines"]) >= {"PyTorch", "ONNX cpu"}
     shutil.rmtree(out)

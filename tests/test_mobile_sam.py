@@ -71,9 +71,11 @@ def test_graphs_record_the_family_and_model(vit_t):
 
 
 @pytest.mark.parametrize("decoder", ["official", "batched"])
-def test_check_against_mobile_sams_predictor_and_generator(vit_t, decoder):
+def test_check_against_mobile_sams_predictor_and_generator(vit_t, decoder, tmp_path):
+    """One image (the three default shapes are tiny's test)."""
     proc = run_cli("check", "--model", "vit_t", "--checkpoint", vit_t["checkpoint"],
-                   "--encoder", vit_t["encoder"], "--decoder", vit_t[decoder], "--format", "json")
+                   "--encoder", vit_t["encoder"], "--decoder", vit_t[decoder], "--format", "json",
+                   "--image", _image(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["passed"] and report["model_type"] == "vit_t"

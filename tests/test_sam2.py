@@ -133,9 +133,13 @@ def test_the_graphs_declare_and_record_sam2_contracts(sam2):
 
 
 @pytest.mark.parametrize("decoder", ["official", "batched"])
-def test_check_against_sam2s_predictor_and_generator(sam2, decoder):
+def test_check_against_sam2s_predictor_and_generator(sam2, decoder, tmp_path):
+    """One image (the three default shapes are tiny's test): sam2's own predictor and
+    generator as the reference."""
+    Image.fromarray(synthetic(180, 260)).save(tmp_path / "card.png")
     proc = run_cli("check", "--model", MODEL, "--checkpoint", sam2["checkpoint"],
-                   "--encoder", sam2["encoder"], "--decoder", sam2[decoder], "--format", "json")
+                   "--encoder", sam2["encoder"], "--decoder", sam2[decoder], "--format", "json",
+                   "--image", tmp_path / "card.png")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["reference"] == "sam2"

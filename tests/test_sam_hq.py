@@ -64,9 +64,12 @@ def test_the_graphs_declare_and_record_hq_contracts(hq):
 
 
 @pytest.mark.parametrize("decoder", ["official", "batched"])
-def test_check_against_segment_anything_hq(hq, decoder):
+def test_check_against_segment_anything_hq(hq, decoder, tmp_path):
+    """One image (the three default shapes are tiny's test)."""
+    Image.fromarray(synthetic(180, 260)).save(tmp_path / "card.png")
     proc = run_cli("check", "--model", "hq_vit_tiny", "--checkpoint", hq["checkpoint"],
-                   "--encoder", hq["encoder"], "--decoder", hq[decoder], "--format", "json")
+                   "--encoder", hq["encoder"], "--decoder", hq[decoder], "--format", "json",
+                   "--image", tmp_path / "card.png")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = json.loads(proc.stdout)["rows"]
     passed = {(r["stage"], r["output"]) for r in rows if r["status"] == "pass"}
