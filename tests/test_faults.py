@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from sam_onnx.core.files import STAGING_PREFIX
+from sam_onnx.tools.dataset import read_manifest
 
 
 def _image(path: Path, h: int = 60, w: int = 80) -> None:
@@ -379,8 +380,8 @@ def test_sigterm_during_segment_keeps_finished_images_whole(case_dir):
                                     "keep their JSON and overlay and are in manifest.jsonl and "
                                     "annotations.json; none is half-written; run the same "
                                     "command again to go on"]
-    records = [json.loads(line) for line in manifest.read_text().splitlines()]
-    done = sorted(Path(r["image"]).stem for r in records if r["status"] == "done")
+    done = sorted(Path(name).stem for name, record in read_manifest(case_dir / "o").items()
+                  if record["status"] == "done")
     assert 1 <= len(done) < 6
     dataset = json.loads((case_dir / "o" / "annotations.json").read_text())
     assert sorted(Path(i["file_name"]).stem for i in dataset["images"]) == done
