@@ -2,8 +2,9 @@
 
 Encoder latency: ONNX Runtime vs torch eager vs this machine's fp32 GEMM floor (encoder FLOPs,
 counted by torch's FlopCounterMode, over the fp32 matmul rate measured in the same run).
-One prompt: SamOnnxPredictor.predict vs the family's own SamPredictor.predict, upscaling to the
-image included.
+One prompt: SamOnnxPredictor.predict (on the ``--decoder-contract`` graph) vs the family's own
+SamPredictor.predict, upscaling to the image included; set_image: each predictor's, what it
+keeps for the prompts included (SAM 2's batched decoder: the maps in block order).
 
     python scripts/bench_runtime.py --model vit_b --image ../shared/data/images/truck.jpg
 """
@@ -40,6 +41,9 @@ def main() -> None:
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--prompt-repeat", type=int, default=30)
+    parser.add_argument("--decoder-contract", default="official",
+                        help="the decoder one prompt runs: a form (official, batched) or a "
+                        "contract name")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "sam-onnx-bench")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -59,11 +63,13 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     ckpt = random_checkpoint(args.model, args.work)
     out = args.work / f"runtime-{args.model}"
-    if not (out / f"{args.model}_encoder.onnx").exists():
-        sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out)
+    family = sam_onnx.families.family_of(args.model)
+    contract = family.decoder_contract(args.decoder_contract)
+    decoder_path = out / f"{args.model}_decoder_{contract}.onnx"
+    if not (out / f"{args.model}_encoder.onnx").exists() or not decoder_path.exists():
+        sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out, decoder_contract=contract)
     sam = build(args.model, load_state_dict(ckpt))
     image = load_image(args.image)
-    family = sam_onnx.families.family_of(args.model)
     x, _ = transforms.image_to_input(image, family.preprocess)
 
     rate = gemm_rate()
@@ -80,17 +86,15 @@ def main() -> None:
     init_cached = median_time(lambda: create(encoder_path, SessionConfig(
         providers=("cpu",), cache_dir=cache)), args.repeat)  # the warm-up run fills the cache
 
-    onnx_pred = SamOnnxPredictor(out / f"{args.model}_encoder.onnx",
-                                 out / f"{args.model}_decoder_"
-                                 f"{family.decoder_contract('official')}.onnx",
+    onnx_pred = SamOnnxPredictor(out / f"{args.model}_encoder.onnx", decoder_path,
                                  SessionConfig(providers=("cpu",)))
     torch_pred = family.torch().SamPredictor(sam)  # the family's own (mobile_sam's for vit_t)
     enc_onnx = median_time(lambda: onnx_pred.encoder.run(None, {"image": x}), args.repeat)
     with torch.inference_mode():
         enc_torch = median_time(lambda: encoder(torch.from_numpy(x)), args.repeat)
 
-    onnx_pred.set_image(image)
-    torch_pred.set_image(image)
+    set_onnx = median_time(lambda: onnx_pred.set_image(image), args.repeat)
+    set_torch = median_time(lambda: torch_pred.set_image(image), args.repeat)
     h, w = image.shape[:2]
     point, label = np.array([[w // 2, h // 2]]), np.array([1])
     p_onnx = median_time(lambda: onnx_pred.predict(point, label), args.prompt_repeat, warmup=3)
@@ -98,18 +102,22 @@ def main() -> None:
 
     med = statistics.median
     result = {
-        "model": args.model, "image": str(args.image), "image_size": [h, w],
+        "model": args.model, "decoder_contract": contract, "image": str(args.image),
+        "image_size": [h, w],
         "threads": torch.get_num_threads(), "gemm_flops_per_s": rate, "encoder_flops": flops,
         "encoder_floor_s": floor,
         "encoder_onnx_s": enc_onnx, "encoder_torch_s": enc_torch,
         "prompt_onnx_s": p_onnx, "prompt_torch_s": p_torch,
+        "set_image_onnx_s": set_onnx, "set_image_torch_s": set_torch,
         "encoder_session_s": init_plain, "encoder_session_cached_s": init_cached,
     }
     rows = [
         ("encoder (s)", med(enc_torch), med(enc_onnx), floor),
+        ("set_image (s)", med(set_torch), med(set_onnx), None),
         ("one prompt incl. upscaling (ms)", med(p_torch) * 1e3, med(p_onnx) * 1e3, None),
     ]
-    print(f"{args.model} on {args.image.name} ({w}x{h}), {torch.get_num_threads()} threads; "
+    print(f"{args.model} ({contract}) on {args.image.name} ({w}x{h}), "
+          f"{torch.get_num_threads()} threads; "
           f"fp32 GEMM {rate / 1e9:.0f} GFLOP/s; encoder {flops / 1e12:.3f} TFLOP")
     print("| metric | PyTorch | ONNX Runtime | PyTorch/ONNX | GEMM floor | ONNX/floor |")
     print("| --- | --- | --- | --- | --- | --- |")

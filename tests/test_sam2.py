@@ -24,6 +24,7 @@ from sam_onnx.core.errors import CheckpointError
 from sam_onnx.core.parity import compare_records
 from sam_onnx.exporter.checkpoints import build, load_state_dict, load_weights
 from sam_onnx.families import identify
+from sam_onnx.families.sam2.blocks import to_blocks
 from sam_onnx.graph import metadata
 from sam_onnx.runtime.images import synthetic
 
@@ -132,17 +133,50 @@ def test_the_graphs_declare_and_record_sam2_contracts(sam2):
         "sam2", MODEL, "sam2_official")
 
 
-@pytest.mark.parametrize("decoder", ["official", "batched"])
-def test_check_against_sam2s_predictor_and_generator(sam2, decoder, tmp_path):
-    """One image (the three default shapes are tiny's test): sam2's own predictor and
-    generator as the reference."""
-    Image.fromarray(synthetic(180, 260)).save(tmp_path / "card.png")
-    proc = run_cli("check", "--model", MODEL, "--checkpoint", sam2["checkpoint"],
-                   "--encoder", sam2["encoder"], "--decoder", sam2[decoder], "--format", "json",
-                   "--image", tmp_path / "card.png")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    report = json.loads(proc.stdout)
-    assert report["reference"] == "sam2"
+def test_the_batched_decoder_takes_the_maps_in_the_upscalers_block_order():
+    """Pixel (4i + 2di + ei, 4j + 2dj + ej) of the stride-4 map is block 8di + 4dj + 2ei + ej
+    of token 64i + j; pixel (2i + di, 2j + dj) of the stride-8 map block 2di + dj."""
+    rng = np.random.default_rng(0)
+    feats_0 = rng.standard_normal((1, 32, 256, 256)).astype(np.float32)
+    feats_1 = rng.standard_normal((1, 64, 128, 128)).astype(np.float32)
+    blocks_0, blocks_1 = to_blocks(feats_0), to_blocks(feats_1)
+    assert blocks_0.shape == (1, 4096, 16, 32) and blocks_1.shape == (1, 4096, 4, 64)
+    i, j, c = rng.integers(0, 64, 3)
+    for di, dj, ei, ej in np.ndindex(2, 2, 2, 2):
+        assert blocks_0[0, 64 * i + j, 8 * di + 4 * dj + 2 * ei + ej, c] == \
+            feats_0[0, c, 4 * i + 2 * di + ei, 4 * j + 2 * dj + ej]
+        assert blocks_1[0, 64 * i + j, 2 * di + dj, c] == feats_1[0, c, 2 * i + di, 2 * j + dj]
+    # a permutation: nothing lost or repeated
+    np.testing.assert_array_equal(np.sort(blocks_0, axis=None), np.sort(feats_0, axis=None))
+    with pytest.raises(ValueError, match="expected a"):
+        to_blocks(feats_0[:, :, :100])
+
+
+def test_a_pair_whose_encoder_lacks_a_map_is_refused_for_either_decoder(sam2):
+    """The batched decoder's block-order maps are made from the encoder's maps: an encoder
+    without them cannot feed it either."""
+    from sam_onnx.graph.validate import validate_pair
+
+    encoder = onnx.load(str(sam2["encoder"]), load_external_data=False)
+    assert validate_pair(encoder, onnx.load(str(sam2["batched"]))).ok
+    encoder.graph.output[0].name = "stride4_features"  # another export's high_res_feats_0
+    for form, taken in (("official", "high_res_feats_0"),
+                        ("batched", "high_res_blocks_0, made from high_res_feats_0")):
+        report = validate_pair(encoder, onnx.load(str(sam2[form])))
+        (finding,) = report.errors
+        assert finding.message == f"decoder takes {taken}, which encoder does not return" \
+            and "its own model's encoder" in finding.fix, finding
+
+
+def _card(folder: Path) -> Path:
+    """One small image for check: its three default shapes are tiny's test."""
+    path = folder / "card.png"
+    Image.fromarray(synthetic(180, 260)).save(path)
+    return path
+
+
+def _assert_checked_against_sam2(report: dict, decoder: str) -> None:
+    assert report["passed"] and report["reference"] == "sam2"
     rows = report["rows"]
     passed = {(r["stage"], r["output"]) for r in rows if r["status"] == "pass"}
     assert {("encoder", "high_res_feats_0"), ("encoder", "image_embed")} <= passed
@@ -152,13 +186,24 @@ def test_check_against_sam2s_predictor_and_generator(sam2, decoder, tmp_path):
     assert row["status"] == "pass" and "records" in row["note"]
 
 
-def test_check_exports_with_random_weights_and_passes(tmp_path):
-    """The issue's 'done when': check --model sam2.1_hiera_tiny --random-weights --export-to."""
-    Image.fromarray(synthetic(180, 260)).save(tmp_path / "card.png")
-    proc = run_cli("check", "--model", MODEL, "--random-weights", "--export-to", tmp_path,
-                   "--image", tmp_path / "card.png")
+def test_check_against_sam2s_predictor_and_generator(sam2, tmp_path):
+    """The batched decoder on one image (the three default shapes are tiny's test; the
+    official decoder is the next test's): sam2's own predictor and generator as the
+    reference."""
+    proc = run_cli("check", "--model", MODEL, "--checkpoint", sam2["checkpoint"],
+                   "--encoder", sam2["encoder"], "--decoder", sam2["batched"], "--format",
+                   "json", "--image", _card(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
+    _assert_checked_against_sam2(json.loads(proc.stdout), "batched")
+
+
+def test_check_exports_with_random_weights_and_passes(tmp_path):
+    """The issue's 'done when': check --model sam2.1_hiera_tiny --random-weights --export-to,
+    which exports the official decoder and checks it against sam2's predictor and generator."""
+    proc = run_cli("check", "--model", MODEL, "--random-weights", "--export-to", tmp_path,
+                   "--image", _card(tmp_path), "--format", "json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _assert_checked_against_sam2(json.loads(proc.stdout), "official")
 
 
 def test_predictor_mirrors_sam2_image_predictor(sam2, torch_model):
@@ -234,7 +279,9 @@ def test_the_batched_decoder_upscales_only_prompts_that_pass_and_records_stay_sa
 
     n = len(points)
     low_res, _, kept = ort.InferenceSession(str(sam2["batched"])).run(None, {
-        **pred.encoded, "point_coords": (points * [1024 / 300, 1024 / 200]).astype(np.float32),
+        "image_embed": pred.encoded["image_embed"],
+        **{f"high_res_blocks_{i}": to_blocks(pred.encoded[f"high_res_feats_{i}"]) for i in (0, 1)},
+        "point_coords": (points * [1024 / 300, 1024 / 200]).astype(np.float32),
         "point_labels": labels.astype(np.float32),
         "mask_input": np.zeros((n, 1, 256, 256), np.float32),
         "has_mask_input": np.zeros(n, np.float32),
@@ -255,7 +302,7 @@ def test_the_generator_takes_sam2s_defaults(sam2):
     assert generator.predictor.batched
 
 
-def test_samexporters_own_graphs_are_recognised_and_match_sam2(samexporter, sam2):
+def test_samexporters_own_graphs_are_recognised_and_match_sam2(samexporter, sam2, tmp_path):
     enc, dec = samexporter
     proc = run_cli("validate", enc, dec, "--format", "json")
     assert proc.returncode == 0, proc.stdout
@@ -263,7 +310,7 @@ def test_samexporters_own_graphs_are_recognised_and_match_sam2(samexporter, sam2
     assert "matches the sam2_encoder contract" in messages
     assert "matches the sam2_official contract" in messages
     proc = run_cli("check", "--model", MODEL, "--checkpoint", sam2["checkpoint"], "--encoder",
-                   enc, "--decoder", dec)
+                   enc, "--decoder", dec, "--image", _card(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # providers falling back to the CPU
@@ -274,7 +321,7 @@ def test_samexporters_own_graphs_are_recognised_and_match_sam2(samexporter, sam2
 @pytest.mark.parametrize("decoder, contract", [("decoder", "sam2_ort"),
                                                ("multimask", "sam2_ort_multimask")])
 def test_onnxruntimes_own_graphs_are_recognised_and_match_sam2(onnxruntime_graphs, sam2,
-                                                               decoder, contract):
+                                                               decoder, contract, tmp_path):
     graphs = onnxruntime_graphs
     proc = run_cli("validate", graphs["encoder"], graphs[decoder], "--format", "json")
     assert proc.returncode == 0, proc.stdout
@@ -282,7 +329,8 @@ def test_onnxruntimes_own_graphs_are_recognised_and_match_sam2(onnxruntime_graph
     assert "matches the sam2_ort_encoder contract" in messages
     assert f"matches the {contract} contract" in messages
     proc = run_cli("check", "--model", MODEL, "--checkpoint", sam2["checkpoint"], "--encoder",
-                   graphs["encoder"], "--decoder", graphs[decoder], "--format", "json")
+                   graphs["encoder"], "--decoder", graphs[decoder], "--format", "json",
+                   "--image", _card(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     cases = {r["case"] for r in json.loads(proc.stdout)["rows"] if r["status"] == "pass"}
     assert {"points", "box refined"} <= cases  # its input_masks fed as mask_input

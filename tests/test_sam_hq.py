@@ -63,30 +63,41 @@ def test_the_graphs_declare_and_record_hq_contracts(hq):
         "sam_hq", "hq_vit_tiny", "hq_official")
 
 
-@pytest.mark.parametrize("decoder", ["official", "batched"])
-def test_check_against_segment_anything_hq(hq, decoder, tmp_path):
-    """One image (the three default shapes are tiny's test)."""
-    Image.fromarray(synthetic(180, 260)).save(tmp_path / "card.png")
+def test_check_against_segment_anything_hq(hq, tmp_path):
+    """The batched decoder on one image (the three default shapes are tiny's test; the
+    official decoder is the next test's), HQ's SamAutomaticMaskGenerator record by record."""
     proc = run_cli("check", "--model", "hq_vit_tiny", "--checkpoint", hq["checkpoint"],
-                   "--encoder", hq["encoder"], "--decoder", hq[decoder], "--format", "json",
-                   "--image", tmp_path / "card.png")
+                   "--encoder", hq["encoder"], "--decoder", hq["batched"], "--format", "json",
+                   "--image", _card(tmp_path))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = json.loads(proc.stdout)["rows"]
-    passed = {(r["stage"], r["output"]) for r in rows if r["status"] == "pass"}
-    assert ("encoder", "hq_features") in passed
-    assert any(r["case"].endswith("hq-only") and r["status"] == "pass" for r in rows)
-    if decoder == "batched":  # HQ's SamAutomaticMaskGenerator, record by record
-        (row,) = [r for r in rows if r["stage"] == "automatic masks"]
-        assert row["status"] == "pass" and "records" in row["note"]
+    rows = _assert_checked_against_hq(proc.stdout)
+    (row,) = [r for r in rows if r["stage"] == "automatic masks"]
+    assert row["status"] == "pass" and "records" in row["note"]
 
 
 def test_check_exports_with_random_weights_and_passes(tmp_path):
-    """The issue's 'done when': check --model hq_vit_tiny --random-weights --export-to DIR."""
-    Image.fromarray(synthetic(180, 260)).save(tmp_path / "card.png")
+    """The issue's 'done when': check --model hq_vit_tiny --random-weights --export-to DIR,
+    which exports the official decoder and checks it against segment_anything_hq."""
     proc = run_cli("check", "--model", "hq_vit_tiny", "--random-weights", "--export-to",
-                   tmp_path, "--image", tmp_path / "card.png")
+                   tmp_path, "--image", _card(tmp_path), "--format", "json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
+    _assert_checked_against_hq(proc.stdout)
+
+
+def _card(folder):
+    path = folder / "card.png"
+    Image.fromarray(synthetic(180, 260)).save(path)
+    return path
+
+
+def _assert_checked_against_hq(stdout: str) -> list:
+    report = json.loads(stdout)
+    assert report["passed"]
+    rows = report["rows"]
+    passed = {(r["stage"], r["output"]) for r in rows if r["status"] == "pass"}
+    assert ("encoder", "hq_features") in passed
+    assert any(r["case"].endswith("hq-only") and r["status"] == "pass" for r in rows)
+    return rows
 
 
 def test_predictor_switches_follow_segment_anything_hq(hq, tiny_export):

@@ -14,7 +14,9 @@ from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Dict, Mapping, Optional, Tuple
+from typing import Callable, Collection, Dict, Mapping, Optional, Tuple
+
+import numpy as np
 
 from ..core.contracts import GraphContract, Postprocess, Preprocess
 from ..core.errors import CheckpointError, SamOnnxError
@@ -68,6 +70,18 @@ class Family:
     #: The automatic mask generator's defaults where the family's own generator differs
     #: from segment_anything's (SAM2AutomaticMaskGenerator: pred_iou_thresh 0.8).
     generator_defaults: Mapping[str, object] = field(default_factory=dict)
+    #: Decoder inputs made from an encoder output once an image, numpy only: name -> (that
+    #: output, the function making it). SAM 2's batched decoder takes its high-resolution
+    #: maps in the upscaler's block order.
+    derived_inputs: Mapping[str, Tuple[str, Callable[[np.ndarray], np.ndarray]]] = \
+        field(default_factory=dict)
+
+    def derive_inputs(self, encoded: Mapping[str, np.ndarray],
+                      names: Collection[str]) -> Dict[str, np.ndarray]:
+        """The ``derived_inputs`` among a decoder's input ``names``, made from ``encoded``
+        (the encoder's outputs by this family's names)."""
+        return {name: make(encoded[source]) for name, (source, make) in
+                self.derived_inputs.items() if name in names}
 
     @property
     def models(self) -> Tuple[str, ...]:

@@ -444,11 +444,14 @@ def validate_pair(encoder: onnx.ModelProto, decoder: onnx.ModelProto,
     if embedding not in outputs and len(outputs) == 1:  # another tool's name for it
         outputs[embedding] = next(iter(outputs.values()))
     for name, into in inputs.items():
+        source = DERIVED_INPUTS.get(name, name)  # made from an encoder output
+        made = "" if source == name else f", made from {source}"
         if name in outputs:
             _pair_tensor(report, outputs.get(name), into, names)
-        elif name in ENCODER_OUTPUTS or name == embedding:
+        elif (source in ENCODER_OUTPUTS and source not in outputs) or name == embedding:
             report.add(PAIR_EMBEDDINGS.finding(
-                f"input:{name}", f"{names[1]} takes {name}, which {names[0]} does not return",
+                f"input:{name}", f"{names[1]} takes {name}{made}, which {names[0]} does not "
+                "return",
                 "pair the decoder with its own model's encoder (an HQ-SAM or SAM 2 decoder "
                 "needs that model's encoder)", expected=name, model=names[1]))
     types = [metadata.read(m).get("model_type") for m in (encoder, decoder)]
@@ -471,6 +474,9 @@ ENCODER_FORMS = {**{f.encoder.name: "tensor" for f in FAMILIES.values()},
                  **{c: form for f in FAMILIES.values() for form, c in f.encoder_forms.items()}}
 #: The image inputs of the encoders sam-onnx exports, as declared.
 ENCODER_INPUTS = {CONTRACTS[c].inputs[0].name: CONTRACTS[c].inputs[0] for c in ENCODER_FORMS}
+#: Decoder inputs the caller makes from an encoder output once an image -> that output.
+DERIVED_INPUTS = {name: source for f in FAMILIES.values()
+                  for name, (source, _) in f.derived_inputs.items()}
 #: Decoder inputs that only an encoder makes, by every family's encoder contract.
 ENCODER_OUTPUTS = {t.name for c in CONTRACTS.values() if c.role == "encoder" for t in c.outputs}
 

@@ -305,6 +305,9 @@ class SamOnnxPredictor:
         embedding, as SamPredictor's."""
         self.encoded = self._canonical(encoded)
         self.features = self.encoded[self.family.embedding]
+        #: What the decoder takes made from them, once an image (SAM 2's batched decoder:
+        #: the high-resolution maps in block order).
+        self._derived = self.family.derive_inputs(self.encoded, self.inputs)
         self.is_image_set = True
 
     def get_image_embedding(self) -> np.ndarray:
@@ -315,6 +318,7 @@ class SamOnnxPredictor:
         self.is_image_set = False
         self.features = None
         self.encoded: Dict[str, np.ndarray] = {}
+        self._derived: Dict[str, np.ndarray] = {}
         self.original_size = self.input_size = None
 
     def save_embedding(self, path: PathLike) -> None:
@@ -538,7 +542,7 @@ class SamOnnxPredictor:
             raise SamOnnxError(f"hq_token_only needs an HQ-SAM decoder; this is a "
                                f"{self.decoder_contract.name} decoder")
         values = {
-            **self.encoded,
+            **self.encoded, **self._derived,
             "point_coords": coords.astype(np.float32),
             "point_labels": labels.astype(np.float32),
             **_mask_prompt(mask_input, self._low_res_size,

@@ -214,16 +214,22 @@ def _upscale_masks(mask_decoder, keys: torch.Tensor, hyper: torch.Tensor) -> tor
     outputs: one matrix product, the block's positions kept as axes (i, j, di, dj, ...)
     until the 4 masks, not the 32 channels, are put in pixel order."""
     conv1, norm, _, conv2, _ = mask_decoder.output_upscaling
-    b, s, n = keys.shape[0], EMBEDDING_SIZE, hyper.shape[1]
+    b, s = keys.shape[0], EMBEDDING_SIZE
     c1, c2 = conv1.out_channels, conv2.out_channels
     w1 = conv1.weight.permute(0, 2, 3, 1).reshape(conv1.in_channels, -1)  # (C, 2*2*c1)
     x = (keys @ w1).reshape(b, s, s, 2, 2, c1) + conv1.bias
     x = F.gelu(F.layer_norm(x, (c1,), norm.weight, norm.bias, norm.eps))
     w2 = conv2.weight.permute(0, 2, 3, 1).reshape(c1, -1)  # (c1, 2*2*c2)
     x = F.gelu((x @ w2).reshape(b, s * s * 16, c2) + conv2.bias)
-    # pixel order in two 4-D transposes, which ONNX Runtime does in about half the time of
-    # one 8-D transpose: row 4i + 2di + ei, column 4j + 2dj + ej
-    masks = (hyper @ x.transpose(1, 2)).reshape(b * n * s, s, 2, 8)  # i | j, di, (dj, ei, ej)
+    return pixel_order(hyper @ x.transpose(1, 2))
+
+
+def pixel_order(masks: torch.Tensor) -> torch.Tensor:
+    """(B, n, 4096 * 16) masks in the upscaler's block order (token i*64+j, di, dj, ei, ej)
+    -> (B, n, 256, 256), row 4i + 2di + ei, column 4j + 2dj + ej: in two 4-D transposes,
+    which ONNX Runtime does in about half the time of one 8-D transpose."""
+    b, n, s = masks.shape[0], masks.shape[1], EMBEDDING_SIZE
+    masks = masks.reshape(b * n * s, s, 2, 8)  # i | j, di, (dj, ei, ej)
     masks = masks.transpose(1, 2).reshape(b * n * s * 2, s * 2, 2, 2)  # (i, di) | (j, dj), ei, ej
     return masks.transpose(1, 2).reshape(b, n, 4 * s, 4 * s)
 

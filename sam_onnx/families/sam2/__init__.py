@@ -19,7 +19,8 @@ from typing import Dict, Mapping, Tuple
 
 from ...core.errors import CheckpointError
 from ..base import Family
-from .contracts import ALIASES, CONTRACTS, POSTPROCESS, PREPROCESS, RECOGNISED_ONLY
+from .blocks import to_blocks
+from .contracts import ALIASES, BLOCKS, CONTRACTS, POSTPROCESS, PREPROCESS, RECOGNISED_ONLY
 
 PATCH_EMBED = "image_encoder.trunk.patch_embed.proj.weight"
 _BLOCK = re.compile(r"^image_encoder\.trunk\.blocks\.(\d+)\.")
@@ -77,4 +78,5 @@ SAM2 = Family(
     recognised_only=RECOGNISED_ONLY,
     embedding="image_embed",
     generator_defaults={"pred_iou_thresh": 0.8},
+    derived_inputs={name: (source, to_blocks) for name, source in BLOCKS.items()},
 )

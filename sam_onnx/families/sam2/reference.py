@@ -12,6 +12,7 @@ from sam2.sam2_image_predictor import SAM2ImagePredictor
 
 from ...core.contracts import EVERY_PROMPT, GraphContract
 from ..sam.reference import PROMPTS, Prompt, grid_points
+from . import SAM2
 from .contracts import IMAGE_SIZE, MASK_INPUT_SIZE, NUM_MASK_TOKENS, SAM2_ENCODER
 
 __all__ = ["PROMPTS", "encoder_input", "encoder_reference", "random_encoder_outputs",
@@ -72,7 +73,8 @@ def decoder_feed(contract: GraphContract, encoded: Arrays, prompt: Prompt) -> Ar
     mask = np.zeros((n, 1, MASK_INPUT_SIZE, MASK_INPUT_SIZE), np.float32)
     if with_mask:
         mask[...] = np.random.default_rng(1).standard_normal(mask.shape)
-    values = {**encoded, "point_coords": coords.astype(np.float32),
+    values = {**encoded, **SAM2.derive_inputs(encoded, contract.input_names),
+              "point_coords": coords.astype(np.float32),
               "point_labels": labels.astype(np.float32), "mask_input": mask,
               "has_mask_input": np.full(n, float(with_mask), np.float32),
               "pred_iou_thresh": np.full(NUM_MASK_TOKENS, EVERY_PROMPT, np.float32)}
