@@ -6,9 +6,10 @@ image tokens becomes a 2x2 block of 128x128 pixels, then each of those a 2x2 blo
 in block order, (token i*64+j, di, dj, ei, ej, channel) for pixel (4i+2di+ei, 4j+2dj+ej), and
 the high-resolution maps added at each level must be in that order too. Permuting them inside
 the decoder cost 10 ms a run; they are the same for every prompt of an image, so the
-``sam2_batched`` decoder takes them already permuted, made here once an image: the decoder
-16.3 instead of 20.1 ms a prompt with the pixel-order upscaler (sam2.1 tiny, 2 threads,
-median of 5 rounds, same outputs within 5e-7).
+``sam2_batched`` decoder takes them already permuted, made here once an image (4-10 ms): the
+decoder alone 16.3 / 23.3 ms a prompt against 20.1 / 25.3 with the pixel-order upscaler (sam2.1
+tiny, 2 threads, two side-by-side runs of 5 rounds; same outputs within 5e-7). At the
+predictor's level the gain was within this machine's noise: docs/benchmarks.md.
 """
 from __future__ import annotations
 
