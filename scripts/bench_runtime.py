@@ -3,8 +3,12 @@
 Encoder latency: ONNX Runtime vs torch eager vs this machine's fp32 GEMM floor (encoder FLOPs,
 counted by torch's FlopCounterMode, over the fp32 matmul rate measured in the same run).
 One prompt: SamOnnxPredictor.predict (on the ``--decoder-contract`` graph) vs the family's own
-SamPredictor.predict, upscaling to the image included; set_image: each predictor's, what it
-keeps for the prompts included (SAM 2's batched decoder: the maps in block order).
+SamPredictor.predict, upscaling to the image included, in ``--rounds`` rounds that alternate
+the two (which goes first alternates too), the ratio taken within each round: this machine's
+speed drifts within minutes (sam2's one prompt 137 ms in one run and 70 ms in the next, measured),
+so blocks run one after the other compare two different machines. set_image: each
+predictor's, what it keeps for the prompts included (SAM 2's batched decoder: the maps in
+block order).
 
     python scripts/bench_runtime.py --model vit_b --image ../shared/data/images/truck.jpg
 """
@@ -40,7 +44,8 @@ def main() -> None:
     parser.add_argument("--model", default="vit_b")
     parser.add_argument("--image", type=Path, required=True)
     parser.add_argument("--repeat", type=int, default=5)
-    parser.add_argument("--prompt-repeat", type=int, default=30)
+    parser.add_argument("--prompt-repeat", type=int, default=20, help="prompts a round")
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--decoder-contract", default="official",
                         help="the decoder one prompt runs: a form (official, batched) or a "
                         "contract name")
@@ -97,8 +102,15 @@ def main() -> None:
     set_torch = median_time(lambda: torch_pred.set_image(image), args.repeat)
     h, w = image.shape[:2]
     point, label = np.array([[w // 2, h // 2]]), np.array([1])
-    p_onnx = median_time(lambda: onnx_pred.predict(point, label), args.prompt_repeat, warmup=3)
-    p_torch = median_time(lambda: torch_pred.predict(point, label), args.prompt_repeat, warmup=3)
+    sides = [lambda: onnx_pred.predict(point, label), lambda: torch_pred.predict(point, label)]
+    rounds = []  # (ONNX, PyTorch) round medians
+    for i in range(args.rounds):
+        order = sides if i % 2 == 0 else sides[::-1]
+        medians = [statistics.median(median_time(fn, args.prompt_repeat, warmup=3))
+                   for fn in order]
+        rounds.append(tuple(medians if i % 2 == 0 else medians[::-1]))
+    p_onnx, p_torch = [r[0] for r in rounds], [r[1] for r in rounds]
+    ratios = [t / o for o, t in rounds]
 
     med = statistics.median
     result = {
@@ -107,7 +119,7 @@ def main() -> None:
         "threads": torch.get_num_threads(), "gemm_flops_per_s": rate, "encoder_flops": flops,
         "encoder_floor_s": floor,
         "encoder_onnx_s": enc_onnx, "encoder_torch_s": enc_torch,
-        "prompt_onnx_s": p_onnx, "prompt_torch_s": p_torch,
+        "prompt_onnx_s": p_onnx, "prompt_torch_s": p_torch, "prompt_ratios": ratios,
         "set_image_onnx_s": set_onnx, "set_image_torch_s": set_torch,
         "encoder_session_s": init_plain, "encoder_session_cached_s": init_cached,
     }
@@ -124,6 +136,8 @@ def main() -> None:
     for name, t, o, f in rows:
         print(f"| {name} | {t:.3f} | {o:.3f} | {t / o:.2f}x | " +
               (f"{f:.3f} | {o / f:.2f}x |" if f else "| |"))
+    print(f"one prompt, PyTorch / ONNX within each of {args.rounds} rounds: median "
+          f"{med(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}x)")
     print(f"encoder session start: {med(init_plain):.3f} s; from the optimized-model cache: "
           f"{med(init_cached):.3f} s")
     if args.out:
