@@ -93,8 +93,13 @@ def test_int8_graphs_are_checked_with_their_own_tolerance(tmp_path):
         record = metadata.read(onnx.load(str(q.path), load_external_data=False))
         assert record["precision"] == "int8"
         assert q.path.stat().st_size < result.graph(role).path.stat().st_size
-        ops = {n.op_type for n in onnx.load(str(q.path), load_external_data=False).graph.node}
+        model = onnx.load(str(q.path))
+        ops = {n.op_type for n in model.graph.node}
         assert "MatMulInteger" in ops and "ConvInteger" not in ops  # convolutions stay fp32
+        # weights in 7 bits: 8-bit ones saturate ONNX Runtime's products on AVX2 CPUs
+        weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer
+                   if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
+        assert weights and max(int(abs(w.astype(int)).max()) for w in weights) <= 64
 
 
 def test_unknown_model_type_is_a_usage_error():
