@@ -188,15 +188,17 @@ def test_bench_bad_arguments(graphs, args, code, words):
 
 @pytest.mark.heavy
 def test_check_on_vit_b_random_weights(tmp_path):
-    """check at full size; its --export-to runs the exporter's own checks too. (bench is the
-    same code at every size: tiny's tests run it.)"""
+    """check at full size; its --export-to runs the exporter's own checks too. (bench and the
+    automatic-mask row are the same code at every size: tiny's tests run them; skipping the
+    row here saves 60 s, PyTorch's generator encoding the image again.)"""
     image = tmp_path / "card.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 255, (240, 320, 3), np.uint8)).save(image)
     out = tmp_path / "vit_b"
     proc = run_cli("check", "--model", "vit_b", "--random-weights", "--export-to", out,
-                   "--decoder-contract", "batched", "--image", image)
+                   "--decoder-contract", "batched", "--image", image, "--no-automatic")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().splitlines()[-1].startswith("PASS")
+    assert "automatic masks" not in proc.stdout and "points single-mask" in proc.stdout
     # the export's own checks at full size, as its manifest records them
     graphs = {g["role"]: g for g in read_manifest(out / "vit_b_manifest.json")["graphs"]}
     assert graphs["encoder"]["parity"]["passed"] and graphs["decoder"]["parity"]["passed"]
