@@ -92,7 +92,9 @@ def test_int8_graphs_are_checked_with_their_own_tolerance(tmp_path):
         assert q.parity.passed and q.parity.tolerance == q.contract.tolerances["int8"]
         record = metadata.read(onnx.load(str(q.path), load_external_data=False))
         assert record["precision"] == "int8"
-        assert q.path.stat().st_size < result.graph(role).path.stat().st_size
+        if role == "decoder":  # tiny's encoder layers are 64 wide: a column's scale and zero
+            # point weigh more there than its weights save (vit_b's: 129 MB of 384)
+            assert q.path.stat().st_size < result.graph(role).path.stat().st_size
         model = onnx.load(str(q.path))
         ops = {n.op_type for n in model.graph.node}
         assert "MatMulInteger" in ops and "ConvInteger" not in ops  # convolutions stay fp32
@@ -100,6 +102,13 @@ def test_int8_graphs_are_checked_with_their_own_tolerance(tmp_path):
         weights = [onnx.numpy_helper.to_array(t) for t in model.graph.initializer
                    if t.data_type == onnx.TensorProto.INT8 and t.name.endswith("_quantized")]
         assert weights and max(int(abs(w.astype(int)).max()) for w in weights) <= 64
+        # encoders: a scale per output column (TinyViT's error halved); decoders: one a weight
+        scales = {t.name[:-len("_scale")]: list(t.dims) for t in model.graph.initializer
+                  if t.name.endswith("_scale")}
+        columns = [(scales[t.name[:-len("_quantized")]], t.dims[-1])
+                   for t in model.graph.initializer if t.name.endswith("_quantized")]
+        want = (lambda n: [n]) if role == "encoder" else (lambda n: [])
+        assert columns and all(dims == want(n) for dims, n in columns), columns
 
 
 def test_unknown_model_type_is_a_usage_error():
