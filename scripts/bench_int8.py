@@ -1,11 +1,11 @@
 """How each way of storing int8 weights serves an exported fp32 encoder, on this machine.
 
-Dynamic int8 of the matrix products, as ``--quantize int8`` writes it, three ways: 8-bit weights
-with one scale a weight, 7-bit (``reduce_range``: what AVX2 CPUs without VNNI need, where
-ONNX Runtime's uint8 x int8 products saturate in 16 bits) and 7-bit with a scale per output
-column (``per_channel``: the encoders' form since session 17). For each: every output's error
-against the fp32 graph on one image (its largest and its RMS, relative to the fp32 output's),
-and the time of a run, the variants alternating round by round.
+Dynamic int8 of the matrix products, by the exporter's own ``quantize_int8``, three ways: 8-bit
+weights with one scale a weight, 7-bit (``reduce_range``: what AVX2 CPUs without VNNI need,
+where ONNX Runtime's uint8 x int8 products saturate in 16 bits) and 7-bit with a scale per
+output column (``per_channel``: the encoders' form since session 17). For each: every output's
+error against the fp32 graph on one image (its largest and its RMS, relative to the fp32
+output's), and the time of a run, the variants alternating round by round.
 
     python scripts/bench_int8.py exported/vit_t_encoder.onnx \
         --image ../shared/data/images/groceries.jpg
@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import QuantType, quantize_dynamic
 
 from sam_onnx import families
-from sam_onnx.core.files import has_external_data
+from sam_onnx.exporter.run import quantize_int8
 from sam_onnx.graph import metadata
 from sam_onnx.runtime import transforms
 from sam_onnx.runtime.images import load_image
@@ -54,15 +53,12 @@ def main() -> None:
         feed = {fp32.input_names[0]: encoder_input(encoder, args.image)}
         names, ref = fp32.output_names, fp32.run(None, feed)
         del fp32
-        work = Path(tempfile.mkdtemp(prefix="bench_int8_"))
         sessions, row = {}, {}
         for name, (reduce_range, per_channel) in VARIANTS.items():
-            path = work / f"{name.replace(' ', '_')}.onnx"
-            quantize_dynamic(str(encoder), str(path), weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"], reduce_range=reduce_range,
-                             per_channel=per_channel,
-                             use_external_data_format=has_external_data(encoder))
-            sessions[name] = create(path, SessionConfig(providers=("cpu",)))
+            with tempfile.TemporaryDirectory(prefix="bench_int8_") as work:
+                path = Path(work) / "encoder.onnx"
+                quantize_int8(encoder, path, per_channel=per_channel, reduce_range=reduce_range)
+                sessions[name] = create(path, SessionConfig(providers=("cpu",)))
             got = sessions[name].run(None, feed)
             row[name] = {"error": {n: {
                 "max": float(np.abs(g - r).max() / np.abs(r).max()),

@@ -107,8 +107,8 @@ def test_int8_graphs_are_checked_with_their_own_tolerance(tmp_path):
                   if t.name.endswith("_scale")}
         columns = [(scales[t.name[:-len("_quantized")]], t.dims[-1])
                    for t in model.graph.initializer if t.name.endswith("_quantized")]
-        want = (lambda n: [n]) if role == "encoder" else (lambda n: [])
-        assert columns and all(dims == want(n) for dims, n in columns), columns
+        assert columns and all(dims == ([n] if role == "encoder" else [])
+                               for dims, n in columns), columns
 
 
 def test_unknown_model_type_is_a_usage_error():

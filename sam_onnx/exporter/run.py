@@ -151,7 +151,7 @@ def _check_half(staged: Staged, quantize: Optional[str]):
         if quantize:
             qpath = path.with_name(path.name[:-5] + f".{quantize}.onnx")
             with stage(f"quantize {contract.role} ({quantize})"):
-                _quantize(path, qpath, per_channel=contract.role == "encoder")
+                quantize_int8(path, qpath, per_channel=contract.role == "encoder")
                 metadata.stamp(qpath, contract, {**record, "precision": quantize})
             with stage(f"check {contract.role} ({quantize})"):
                 exported.append(_check(qpath, contract, quantize, checks))
@@ -176,7 +176,8 @@ def _torch_half(job: Job):
     return run(job)
 
 
-def _quantize(src: Path, dst: Path, per_channel: bool) -> None:
+def quantize_int8(src: Path, dst: Path, *, per_channel: bool,
+                  reduce_range: bool = True) -> None:
     """Dynamic int8 for the matrix products only. Convolutions stay fp32: ONNX Runtime's
     ConvInteger is slower than its fp32 Conv, and the encoder's neck convolutions write the
     embedding itself (vit_b, measured: quantizing them too made the encoder slower and its
@@ -187,19 +188,20 @@ def _quantize(src: Path, dst: Path, per_channel: bool) -> None:
     ONNX Runtime's quantization guide says 7-bit weights avoid; the error is then the
     running machine's, not the exporting one's (sam2.1 tiny encoder on an AVX2 host, measured:
     image_embed off by 26% of its range with 8 bits, over the int8 tolerance, and by 3.7% with
-    7; the same speed, 1.86 vs 1.80 s; vit_b 14.8 -> 2.4%).
+    7; the same speed, 1.86 vs 1.80 s).
 
     Encoders get a scale per output column (``per_channel``): it gives back the bit where 7
-    made it worse, MobileSAM's TinyViT (embedding off by 9.6% with 8 bits, 17.7% with 7, 11.2%
-    with 7 and a scale a column; RMS 16 -> 8.6%), leaves vit_b and sam2.1 tiny as they were
-    (RMS 1.95 / 1.94%, 2.8 / 2.8%), and times within -8 / +6% in alternating runs. Decoders keep
-    one scale a weight: ONNX Runtime's DynamicQuantizeMatMul refuses per-column zero points on
-    their 3-D per-head weights (measured, random weights)."""
+    made it worse, MobileSAM's TinyViT. ``scripts/bench_int8.py`` on groceries.jpg, RMS error
+    of the embedding with 8 bits / 7 / 7 and a scale a column: vit_t 8.2 / 14.6 / 8.7%, vit_b
+    25.2 / 2.7 / 2.6%, sam2.1 tiny 27.5 / 2.7 / 2.8%; times within this host's noise. Decoders
+    keep one scale a weight: ONNX Runtime's DynamicQuantizeMatMul refuses per-column zero
+    points on their 3-D per-head weights (measured, random weights). ``reduce_range=False``
+    is there for that script's 8-bit row."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     with _quiet_logging():
         quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul"], reduce_range=True,
+                         op_types_to_quantize=["MatMul"], reduce_range=reduce_range,
                          per_channel=per_channel,
                          use_external_data_format=has_external_data(src))
 
