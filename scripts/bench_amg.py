@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+#: The ONNX pipelines: fp32; the int8 encoder with the fp32 decoder; both int8.
+VARIANTS = ("onnx fp32", "onnx int8 encoder", "onnx int8")
 KEEPING = dict(pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0)
 
 
@@ -162,6 +164,9 @@ def main() -> None:
     parser.add_argument("--decoder")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--torch-repeat", type=int, default=2)
+    parser.add_argument("--variant", action="append", choices=VARIANTS,
+                        help="the ONNX pipelines to run (repeatable; default: all three); "
+                        "fp32 alone skips the int8 export, minutes for the larger models")
     parser.add_argument("--keeping", action="store_true",
                         help="Also one run with thresholds that keep masks (random weights).")
     parser.add_argument("--split", action="store_true",
@@ -182,14 +187,17 @@ def main() -> None:
     ckpt = random_checkpoint(args.model, args.work)
     out = args.work / f"amg-{args.model}"
     name = f"{args.model}_decoder_{family_of(args.model).decoder_contract('batched')}"
-    if not _current(out / f"{name}.int8.onnx", args.model):
+    chosen = args.variant or VARIANTS
+    int8 = any("int8" in label for label in chosen)
+    if not _current(out / f"{name}{'.int8' if int8 else ''}.onnx", args.model):
         sam_onnx.export(args.model, checkpoint=ckpt, out_dir=out, decoder_contract="batched",
-                        quantize="int8")
+                        quantize="int8" if int8 else None)
     enc = out / f"{args.model}_encoder.onnx"
     enc8 = out / f"{args.model}_encoder.int8.onnx"
-    variants = {"onnx fp32": (enc, out / f"{name}.onnx"),
-                "onnx int8 encoder": (enc8, out / f"{name}.onnx"),
-                "onnx int8": (enc8, out / f"{name}.int8.onnx")}
+    paths = {"onnx fp32": (enc, out / f"{name}.onnx"),
+             "onnx int8 encoder": (enc8, out / f"{name}.onnx"),
+             "onnx int8": (enc8, out / f"{name}.int8.onnx")}
+    variants = {label: paths[label] for label in VARIANTS if label in chosen}
     results = {"model": args.model,
                "weights": "random (the family's own builders, saved checkpoint)",
                "runs": []}

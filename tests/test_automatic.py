@@ -176,12 +176,12 @@ def test_batched_graph_upscales_only_prompts_with_a_score_above_the_threshold(pr
     coords, labels = _grid_args(img)
     feed = predictor._feed(np.concatenate([coords, np.zeros_like(coords)], 1),
                            np.concatenate([labels, -np.ones_like(labels)], 1), None)
-    everything = predictor.decoder.run(None, feed)
-    masks, iou, kept = everything
+    outputs = ("low_res_masks", "iou_predictions", "kept_prompts")
+    masks, iou, kept = map(predictor._run(feed).get, outputs)
     np.testing.assert_array_equal(kept, np.arange(len(iou)))
     thresh = float(np.median(iou.max(axis=1)))
     feed["pred_iou_thresh"] = np.array([thresh], np.float32)
-    some_masks, same_iou, some = predictor.decoder.run(None, feed)
+    some_masks, same_iou, some = map(predictor._run(feed).get, outputs)
     np.testing.assert_array_equal(some, np.flatnonzero((iou > thresh).any(axis=1)))
     assert 0 < len(some) < len(iou)
     np.testing.assert_array_equal(same_iou, iou)

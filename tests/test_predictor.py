@@ -132,8 +132,8 @@ def test_the_encoder_keeps_its_memory_between_images_unless_told(models, monkeyp
 def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
     """An official graph runs only up to low_res_masks (the predictor upscales in numpy),
     its weights outside the file or not; prompts without a mask run with the mask inputs
-    bound to "no mask", a mask prompt runs the whole graph. Both answer as the graph run
-    whole does."""
+    bound to "no mask", and what that graph computes from the image alone runs once an
+    image; a mask prompt runs the whole graph. Both answer as the graph run whole does."""
     import onnxruntime as ort
 
     from sam_onnx.runtime import transforms
@@ -142,8 +142,12 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
     outside = repair(models["official"], tmp_path / "ext.onnx", external_data=True).output
     pred = SamOnnxPredictor(models["encoder"], outside)
     assert {o.name for o in pred.decoder.inner.get_outputs()} == set(DECODER_LOWRES.output_names)
-    assert [i.name for i in pred.decoder.inner.get_inputs()] == [
-        n for n in DECODER_OFFICIAL.input_names if n not in ("mask_input", "has_mask_input")]
+    assert pred._image_part.input_names == ["image_embeddings"]
+    assert pred.decoder.input_names == ["point_coords", "point_labels", "orig_im_size",
+                                        *pred._image_part.output_names]
+    image_runs = []
+    run_image_part = pred._image_part.run
+    pred._image_part.run = lambda *a, **k: image_runs.append(1) or run_image_part(*a, **k)
     pred.set_image(_synthetic())
     whole = ort.InferenceSession(str(models["official"]), providers=["CPUExecutionProvider"])
     box = np.array([100, 60, 400, 240])
@@ -169,6 +173,7 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
     assert np.abs(refined - low).max() > 1e-3  # the mask prompt changes the answer
     np.testing.assert_allclose(refined, want_low, atol=1e-5)
     np.testing.assert_allclose(refined_scores, want_scores, atol=1e-5)
+    assert image_runs == [1]  # one image, three prompts
 
 
 @pytest.mark.parametrize("prompt, words", [

@@ -323,3 +323,50 @@ def test_official_to_single_mask_and_back(decoders, tmp_path):
         back = _run(tmp_path / "four.onnx", arrays)
         for name in DECODER_OFFICIAL.output_names:
             np.testing.assert_allclose(back[name], want[name], atol=1e-5)
+
+
+def test_split_at_inputs_computes_the_image_part_once_and_the_rest_from_it():
+    """What depends on the image alone (constants folded in) becomes its own graph; the rest
+    takes its results; run one after the other they answer as the whole graph. Random ops
+    stay in the rest (they must differ run to run), and a graph with nothing to split off
+    is left whole."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def model(nodes, outputs):
+        graph = helper.make_graph(
+            nodes, "g",
+            [helper.make_tensor_value_info("image", TensorProto.FLOAT, [2, 3]),
+             helper.make_tensor_value_info("prompt", TensorProto.FLOAT, [2, 3])],
+            [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+            [numpy_helper.from_array(np.full((2, 3), 2, np.float32), "two")])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+    whole = model([
+        helper.make_node("Add", ["two", "two"], ["four"]),  # constants only
+        helper.make_node("Mul", ["image", "four"], ["scaled"]),
+        helper.make_node("Exp", ["scaled"], ["grown"]),
+        helper.make_node("RandomNormalLike", ["image"], ["noise"]),
+        helper.make_node("Add", ["grown", "prompt"], ["out"]),
+        helper.make_node("Add", ["out", "noise"], ["noisy"]),
+        helper.make_node("Mul", ["image", "prompt"], ["direct"]),
+    ], ["out", "noisy", "direct"])
+    image_part, rest = passes.split_at_inputs(whole, ["image"])
+    assert [i.name for i in image_part.graph.input] == ["image"]
+    assert [o.name for o in image_part.graph.output] == ["grown"]
+    assert [i.name for i in rest.graph.input] == ["image", "prompt", "grown"]
+    assert {n.op_type for n in rest.graph.node} == {"Add", "Mul", "RandomNormalLike"}
+    feed = {"image": np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3),
+            "prompt": np.ones((2, 3), np.float32)}
+
+    def run(m, inputs, names):
+        return ort.InferenceSession(m.SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(names, inputs)
+
+    (grown,) = run(image_part, {"image": feed["image"]}, ["grown"])
+    out, direct = run(rest, {**feed, "grown": grown}, ["out", "direct"])
+    want_out, want_direct = run(whole, feed, ["out", "direct"])
+    np.testing.assert_array_equal(out, want_out)
+    np.testing.assert_array_equal(direct, want_direct)
+    # the image meets the prompt at once: nothing to split off
+    assert passes.split_at_inputs(model([helper.make_node("Add", ["image", "prompt"], ["out"])],
+                                        ["out"]), ["image"]) is None

@@ -433,6 +433,66 @@ def bind_inputs(model: onnx.ModelProto, values: Dict[str, np.ndarray]) -> onnx.M
     return bound
 
 
+#: Ops whose result changes from run to run with the same inputs: never computed ahead.
+_VARYING = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+            "Multinomial", "Bernoulli"}
+
+
+def split_at_inputs(model: onnx.ModelProto, inputs
+                    ) -> Optional[Tuple[onnx.ModelProto, onnx.ModelProto]]:
+    """``model`` as two graphs: the part computed from the inputs ``inputs`` alone (and
+    constants), and the rest, which takes that part's results as inputs by their names in
+    ``model``; None when no node depends on ``inputs`` alone or a result's type is unknown.
+
+    For a decoder, ``inputs`` are the image's: the part run once an image then does what
+    every prompt of that image would repeat (the image tokens' layout, their positional sum,
+    a batched decoder's first-layer projections)."""
+    g = model.graph
+    known = {i.name for i in g.initializer} | {""}  # "": an optional input left out
+    ahead = set(inputs) & {i.name for i in g.input}
+    later = []  # nodes that depend on other inputs: they stay in the second graph
+    for node in g.node:
+        reads = set(node.input).union(*(signature.consumed_names(s)
+                                        for s in signature.subgraphs(node)))
+        if node.op_type in _VARYING or signature.subgraphs(node) or \
+                not reads <= known | ahead:
+            later.append(node)
+        elif reads <= known:
+            known.update(node.output)  # constants: ONNX Runtime folds them in either graph
+        else:
+            ahead.update(node.output)
+    read_later = {o.name for o in g.output}.union(
+        *(set(n.input).union(*(signature.consumed_names(s) for s in signature.subgraphs(n)))
+          for n in later))
+    cut = [o for n in g.node for o in n.output if o in ahead and o in read_later]
+    if not cut:
+        return None
+    types = {v.name: v.type.tensor_type.elem_type
+             for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+    if any(not types.get(name) for name in cut):
+        return None
+    first, second = onnx.ModelProto(), onnx.ModelProto()
+    first.CopyFrom(model)
+    second.CopyFrom(model)
+    values = [helper.make_tensor_value_info(name, types[name], None) for name in cut]
+    graph = first.graph
+    kept = [i for i in graph.input if i.name in inputs]
+    del graph.input[:], graph.output[:], graph.value_info[:]
+    graph.output.extend(values)
+    _prune(graph)
+    read = signature.consumed_names(graph)
+    graph.input.extend(i for i in kept if i.name in read)
+    graph = second.graph
+    # the image's inputs stay where the rest reads them
+    kept = [i for i in graph.input if i.name not in ahead or i.name in read_later]
+    nodes = [n for n in graph.node if not set(n.output) & ahead]
+    del graph.input[:], graph.node[:]
+    graph.input.extend(kept + values)
+    graph.node.extend(nodes)
+    _prune(graph)
+    return first, second
+
+
 def _keep_outputs(graph: onnx.GraphProto, names) -> None:
     """In place: the outputs ``names``, in that order, and only what they depend on."""
     outputs = {o.name: o for o in graph.output}

@@ -84,15 +84,20 @@ def _decoder_source(path: PathLike, graph: onnx.ModelProto, contract: GraphContr
     read = list(read)
     if len(read) == len(contract.output_names) and not bound:
         return path
-    model = graph  # its weights are inside it, unless they live in a .data file beside it
-    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
-        try:
-            model = onnx.load(str(path))  # with its weights: a decoder is ~20 MB
-        except (OSError, onnx.checker.ValidationError) as exc:
-            raise SamOnnxError(f"cannot read the weights of {path} ({exc}); keep the files "
-                               "the exporter wrote together") from None
-    return repair_passes.bind_inputs(repair_passes.keep_outputs(model, read),
-                                     bound).SerializeToString()
+    return repair_passes.bind_inputs(repair_passes.keep_outputs(_with_weights(path, graph), read),
+                                     bound)
+
+
+def _with_weights(path: PathLike, graph: onnx.ModelProto) -> onnx.ModelProto:
+    """``graph`` with its weights: they are inside it, unless they live in a .data file
+    beside it."""
+    if not any(t.data_location == onnx.TensorProto.EXTERNAL for t in graph.graph.initializer):
+        return graph
+    try:
+        return onnx.load(str(path))  # a decoder is ~20 MB
+    except (OSError, onnx.checker.ValidationError) as exc:
+        raise SamOnnxError(f"cannot read the weights of {path} ({exc}); keep the files "
+                           "the exporter wrote together") from None
 
 
 def _mask_prompt(mask_input: Optional[np.ndarray], size: int,
@@ -124,6 +129,11 @@ def stability(logits: np.ndarray, delta: float) -> np.ndarray:
 #: fusion off: its kernel took 2 ms on the upscaler's 2 M values, where Add then Gelu take
 #: 1.2 (same outputs; vit_b decoder 18.4 -> 18.0 ms a prompt). The encoder is faster with it.
 DECODER_SESSION = dict(memory_pattern=False, disabled_optimizers=("BiasGeluFusion",))
+
+
+#: The decoder inputs a prompt brings (``_feed``); the others come from the image.
+PROMPT_INPUTS = ("point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size",
+                 "pred_iou_thresh", "multimask_output", "hq_token_only")
 
 
 #: What each point label means to SAM's prompt encoder (SAM 2's too).
@@ -269,7 +279,7 @@ class SamOnnxPredictor:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             building = None if encoder is None else pool.submit(create, encoder, config,
                                                                   warn=False)
-            self.decoder: Session = self._decoder_session(self._no_mask)
+            self._image_part, self.decoder = self._no_mask_sessions()
             self.encoder: Optional[Session] = None if building is None else building.result()
         for session in (self.decoder, self.encoder):  # said at the caller's line, once
             if session is not None:
@@ -277,9 +287,30 @@ class SamOnnxPredictor:
         self.reset_image()
 
     def _decoder_session(self, bound: Dict[str, np.ndarray]) -> Session:
-        return create(_decoder_source(self._decoder_path, self._decoder_graph,
-                                      self.decoder_contract, self._outputs, bound),
-                      self._session_config, name=Path(self._decoder_path).name, warn=False)
+        source = _decoder_source(self._decoder_path, self._decoder_graph,
+                                 self.decoder_contract, self._outputs, bound)
+        if isinstance(source, onnx.ModelProto):
+            source = source.SerializeToString()
+        return create(source, self._session_config, name=Path(self._decoder_path).name,
+                      warn=False)
+
+    def _no_mask_sessions(self) -> Tuple[Optional[Session], Session]:
+        """The sessions prompts without a mask run: the part of the decoder computed from
+        the image alone, run once an image (``_set_encoded``), and the rest, run per prompt
+        on its results; or the whole decoder when no part depends on the image alone."""
+        source = _decoder_source(self._decoder_path, self._decoder_graph,
+                                 self.decoder_contract, self._outputs, self._no_mask)
+        model = source if isinstance(source, onnx.ModelProto) else \
+            _with_weights(source, self._decoder_graph)
+        image = [name for canonical, name in self.inputs.items()
+                 if canonical not in PROMPT_INPUTS]
+        parts = repair_passes.split_at_inputs(model, image)
+        name = Path(self._decoder_path).name
+        if parts is None:
+            return None, create(model.SerializeToString(), self._session_config, name=name,
+                                warn=False)
+        return tuple(create(part.SerializeToString(), self._session_config, name=name,
+                            warn=False) for part in parts)
 
     # -- image ---------------------------------------------------------------------------
     def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
@@ -308,6 +339,15 @@ class SamOnnxPredictor:
         #: What the decoder takes made from them, once an image (SAM 2's batched decoder:
         #: the high-resolution maps in block order).
         self._derived = self.family.derive_inputs(self.encoded, self.inputs)
+        #: What the decoder computes from the image alone, made once for all its prompts.
+        self._ahead: Dict[str, np.ndarray] = {}
+        if self._image_part is not None:
+            values = {**self.encoded, **self._derived}
+            feed = {name: np.asarray(values[canonical], self.decoder_contract.input(name).dtype)
+                    for canonical, name in self.inputs.items()
+                    if name in self._image_part.input_names}
+            self._ahead = dict(zip(self._image_part.output_names,
+                                   self._image_part.run(None, feed)))
         self.is_image_set = True
 
     def get_image_embedding(self) -> np.ndarray:
@@ -319,6 +359,7 @@ class SamOnnxPredictor:
         self.features = None
         self.encoded: Dict[str, np.ndarray] = {}
         self._derived: Dict[str, np.ndarray] = {}
+        self._ahead: Dict[str, np.ndarray] = {}
         self.original_size = self.input_size = None
 
     def save_embedding(self, path: PathLike) -> None:
@@ -471,8 +512,9 @@ class SamOnnxPredictor:
                 self._mask_decoder = self._decoder_session({})
             outputs = self._mask_decoder.run(names, feed)
         else:
-            unbound = {k: v for k, v in feed.items() if k not in self._no_mask}
-            outputs = self.decoder.run(names, unbound)
+            takes = self.decoder.input_names
+            outputs = self.decoder.run(names, {**{k: v for k, v in feed.items() if k in takes},
+                                               **self._ahead})
         return {self._outputs[name]: value for name, value in zip(names, outputs)}
 
     def _select(self, low_res: np.ndarray, scores: np.ndarray, multimask_output: bool,

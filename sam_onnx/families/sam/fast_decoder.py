@@ -11,9 +11,11 @@ them in every attention layer (3.6 GFLOP per prompt). Here, with the same weight
   which softmax ignores);
 * the last attention runs only for the tokens read after it (each token attends on its
   own): the IoU and mask tokens, not the prompt's;
-* for many prompts without a mask prompt (the ``batched`` contract) the first layer's image
-  tokens are the same for every prompt, so their projections run once per batch instead,
-  and the upscaler runs only for the prompts whose predicted IoU passes a threshold;
+* for prompts without a mask prompt (the ``batched`` contracts) the first layer's image
+  tokens are the same for every prompt, so they are projected as they are, once per batch
+  in the graph and once an image in the predictor, which runs what depends on the image
+  alone ahead of the prompts; and the upscaler runs only for the prompts whose predicted
+  IoU passes a threshold;
 * the two transposed 2x2/stride-2 convolutions of the upscaler are matrix products on
   channels-last tokens, and the mask tokens are applied before the pixels are put in order.
 

@@ -107,17 +107,18 @@ class _Decoder(nn.Module):
         self.embedding_hw = tuple(dense_pe.shape[2:])
         self.register_buffer("image_pe", dense_pe.flatten(2).transpose(1, 2).contiguous())
 
-    def _tokens(self, image_embed, point_coords, point_labels, mask_input, has_mask_input):
+    def _tokens(self, image_embed, point_coords, point_labels, mask_input, has_mask_input,
+                shared_first: bool = False):
         """The output tokens (N, 5, C) and image tokens (N, 4096, C) after the transformer for
         N prompts; the padding point is appended here, as sam2's prompt encoder and
-        samexporter's graph do."""
+        samexporter's graph do. ``shared_first``: as fast_decoder's."""
         sparse = self.prompt_encoder._embed_points(point_coords, point_labels, pad=True)
         has_mask = has_mask_input.reshape(-1, 1, 1, 1)
         no_mask = self.prompt_encoder.no_mask_embed.weight.reshape(1, -1, 1, 1)
         dense = has_mask * self.prompt_encoder.mask_downscaling(mask_input) + \
             (1 - has_mask) * no_mask
         return two_way_transformer(self.mask_decoder, image_embed + dense, self.image_pe,
-                                   sparse)
+                                   sparse, shared_first)
 
     def _hypernetworks(self, out):
         """The mask tokens' (N, 4, 32) weights for the upscaled channels."""
@@ -151,10 +152,11 @@ class _Decoder(nn.Module):
         dc1, ln1, act1, dc2, act2 = self.mask_decoder.output_upscaling
         b, n, c1, c2 = keys.shape[0], TOKENS * TOKENS, dc1.out_channels, dc2.out_channels
         w1 = dc1.weight.permute(0, 2, 3, 1).reshape(dc1.in_channels, -1)  # (C, 2*2*c1)
-        x = (keys @ w1).reshape(b, n, 4, c1) + dc1.bias + high_res_blocks_1
+        # each bias added to its map, not to every prompt's product
+        x = (keys @ w1).reshape(b, n, 4, c1) + (high_res_blocks_1 + dc1.bias)
         x = act1(F.layer_norm(x, (c1,), ln1.weight, ln1.bias, ln1.eps))
         w2 = dc2.weight.permute(0, 2, 3, 1).reshape(c1, -1)  # (c1, 2*2*c2)
-        x = act2((x @ w2).reshape(b, n, 16, c2) + dc2.bias + high_res_blocks_0)
+        x = act2((x @ w2).reshape(b, n, 16, c2) + (high_res_blocks_0 + dc2.bias))
         return pixel_order(self._hypernetworks(out) @ x.reshape(b, n * 16, c2).transpose(1, 2))
 
 
@@ -178,15 +180,17 @@ class BatchedDecoder(_Decoder):
     batched decoder: the automatic mask generator drops the others unseen. sam2.1 tiny, 16
     prompts a run: 7.8 ms a prompt for the scores, 16-18 with the masks (measured).
 
-    SAM's ``shared_first`` (the first layer's image tokens projected once a run) measured no
-    faster here (7.6-8.7 vs 7.6-7.8 ms a prompt) and slower for one prompt (22-23 vs 19-20
-    ms), so the reassociated form stays."""
+    The first layer's image tokens are projected as they are (SAM's ``shared_first``) and
+    each upscaler bias is added to its high-resolution map: those depend on the image alone,
+    so the predictor computes them once an image (``passes.split_at_inputs``). One prompt,
+    sam2.1 tiny, 7 alternating rounds: 23.2 ms against 28.0 for the reassociated first layer
+    (which needs no such split: 30.3 ms run whole, as a mask prompt runs it)."""
 
     @torch.no_grad()
     def forward(self, image_embed, high_res_blocks_0, high_res_blocks_1, point_coords,
                 point_labels, mask_input, has_mask_input, pred_iou_thresh):
         out, keys = self._tokens(image_embed, point_coords, point_labels, mask_input,
-                                 has_mask_input)
+                                 has_mask_input, shared_first=True)
         scores = self.mask_decoder.iou_prediction_head(out[:, 0])
         # "not all at or below" rather than "any above": a NaN score keeps its prompt
         kept = torch.nonzero(~(scores <= pred_iou_thresh).all(dim=1)).reshape(-1)
