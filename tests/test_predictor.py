@@ -143,8 +143,9 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
     pred = SamOnnxPredictor(models["encoder"], outside)
     assert {o.name for o in pred.decoder.inner.get_outputs()} == set(DECODER_LOWRES.output_names)
     assert pred._image_part.input_names == ["image_embeddings"]
-    assert pred.decoder.input_names == ["point_coords", "point_labels", "orig_im_size",
-                                        *pred._image_part.output_names]
+    assert pred.decoder.input_names == [  # the prompt's, and the image part's results
+        n for n in DECODER_OFFICIAL.input_names if n not in (
+            "image_embeddings", "mask_input", "has_mask_input")] + pred._image_part.output_names
     image_runs = []
     run_image_part = pred._image_part.run
     pred._image_part.run = lambda *a, **k: image_runs.append(1) or run_image_part(*a, **k)
