@@ -467,8 +467,9 @@ def split_at_inputs(model: onnx.ModelProto, inputs
     cut = [o for n in g.node for o in n.output if o in ahead and o in read_later]
     if not cut:
         return None
+    inferred = onnx.shape_inference.infer_shapes(model).graph
     types = {v.name: v.type.tensor_type.elem_type
-             for v in onnx.shape_inference.infer_shapes(model).graph.value_info}
+             for v in list(inferred.value_info) + list(inferred.output)}
     if any(not types.get(name) for name in cut):
         return None
     first, second = onnx.ModelProto(), onnx.ModelProto()
@@ -486,8 +487,10 @@ def split_at_inputs(model: onnx.ModelProto, inputs
     # the image's inputs stay where the rest reads them
     kept = [i for i in graph.input if i.name not in ahead or i.name in read_later]
     nodes = [n for n in graph.node if not set(n.output) & ahead]
-    del graph.input[:], graph.node[:]
+    known_types = [v for v in graph.value_info if v.name not in ahead]
+    del graph.input[:], graph.node[:], graph.value_info[:]
     graph.input.extend(kept + values)
+    graph.value_info.extend(known_types)
     graph.node.extend(nodes)
     _prune(graph)
     return first, second
