@@ -265,6 +265,7 @@ class SamOnnxPredictor:
         self._no_mask = {self.inputs[name]: value for name, value in
                          _mask_prompt(None, self._low_res_size).items() if name in self.inputs}
         self._mask_decoder: Optional[Session] = None
+        self._feeds_checked: set = set()
         #: The encoder's contract: it takes the pre-processed tensor, or the resized image
         #: itself (``preprocess_inside``: AnyLabeling's form).
         self.encoder_contract = None if encoder is None else graph_contract(encoder_graph,
@@ -503,9 +504,14 @@ class SamOnnxPredictor:
         return coords, np.concatenate(labels, axis=1)
 
     def _run(self, feed):
-        problems = check_feed(self._decoder_graph, from_arrays(feed)).errors
-        if problems:
-            raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
+        # what check_feed looks at is the feed's names, dtypes and shapes: each is checked
+        # once (0.4 ms of a 23 ms SAM 2 prompt, measured)
+        kind = tuple((name, value.dtype, value.shape) for name, value in feed.items())
+        if kind not in self._feeds_checked:
+            problems = check_feed(self._decoder_graph, from_arrays(feed)).errors
+            if problems:
+                raise SamOnnxError(f"{problems[0].message}; {problems[0].fix}")
+            self._feeds_checked.add(kind)
         names = list(self._outputs)
         if any(np.any(feed[name] != 0) for name in self._no_mask):  # a mask prompt
             if self._mask_decoder is None:
