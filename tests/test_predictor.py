@@ -177,6 +177,33 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
     assert image_runs == [1]  # one image, three prompts
 
 
+def test_a_decoder_on_a_device_runs_whole(models, monkeypatch):
+    """Where the image's part would run on a GPU, its results would cross to the host and
+    back with every prompt: the decoder runs whole there, and answers the same."""
+    import dataclasses
+
+    from sam_onnx.runtime import predictor as predictor_module
+
+    split = SamOnnxPredictor(models["encoder"], models["official"])
+    create = predictor_module.create
+
+    def on_a_device(*args, **kwargs):
+        return dataclasses.replace(create(*args, **kwargs),
+                                   active=["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+    monkeypatch.setattr(predictor_module, "create", on_a_device)
+    whole = SamOnnxPredictor(models["encoder"], models["official"])
+    assert split._image_part is not None and whole._image_part is None
+    assert "image_embeddings" in whole.decoder.input_names
+    img = _synthetic()
+    answers = []
+    for pred in (split, whole):
+        pred.set_image(img)
+        answers.append(pred.predict(np.array([[200, 150]]), np.array([1])))
+    for got, want in zip(*answers):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 @pytest.mark.parametrize("prompt, words", [
     (dict(point_coords=np.array([1, 2]), point_labels=np.array([1])), "Nx2"),
     (dict(point_coords=np.array([[1, 2]]), point_labels=np.array([7])),

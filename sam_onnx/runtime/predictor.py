@@ -31,7 +31,7 @@ from ..graph.validate import (
 )
 from . import transforms
 from .images import ImageLike, load_image
-from .sessions import Session, SessionConfig, create, warn_fallback
+from .sessions import CPU, Session, SessionConfig, create, warn_fallback
 
 PathLike = Union[str, Path]
 
@@ -298,7 +298,10 @@ class SamOnnxPredictor:
     def _no_mask_sessions(self) -> Tuple[Optional[Session], Session]:
         """The sessions prompts without a mask run: the part of the decoder computed from
         the image alone, run once an image (``_set_encoded``), and the rest, run per prompt
-        on its results; or the whole decoder when no part depends on the image alone."""
+        on its results; or the whole decoder when no part depends on the image alone, or
+        when that part runs on a device: its results (22 MB for sam2_batched) would travel
+        to the host and back with every prompt, where the device computes them in less
+        (reasoned, not measured: no GPU here)."""
         source = _decoder_source(self._decoder_path, self._decoder_graph,
                                  self.decoder_contract, self._outputs, self._no_mask)
         model = source if isinstance(source, onnx.ModelProto) else \
@@ -307,11 +310,15 @@ class SamOnnxPredictor:
                  if canonical not in PROMPT_INPUTS]
         parts = repair_passes.split_at_inputs(model, image)
         name = Path(self._decoder_path).name
-        if parts is None:
-            return None, create(model.SerializeToString(), self._session_config, name=name,
-                                warn=False)
-        return tuple(create(part.SerializeToString(), self._session_config, name=name,
-                            warn=False) for part in parts)
+
+        def session(graph: onnx.ModelProto) -> Session:
+            return create(graph.SerializeToString(), self._session_config, name=name,
+                          warn=False)
+
+        image_part = None if parts is None else session(parts[0])
+        if image_part is None or image_part.active[0] != CPU:
+            return None, session(model)
+        return image_part, session(parts[1])
 
     # -- image ---------------------------------------------------------------------------
     def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
