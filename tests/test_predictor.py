@@ -178,20 +178,15 @@ def test_decoder_sessions_hold_only_what_each_prompt_needs(models, tmp_path):
 
 
 def test_a_decoder_on_a_device_runs_whole(models, monkeypatch):
-    """Where the image's part would run on a GPU, its results would cross to the host and
-    back with every prompt: the decoder runs whole there, and answers the same."""
-    import dataclasses
-
+    """Where the decoder's sessions would run on a GPU, the image part's results would
+    cross to the host and back with every prompt: the decoder runs whole there (not split,
+    and no session built for the part), and answers the same."""
     from sam_onnx.runtime import predictor as predictor_module
 
     split = SamOnnxPredictor(models["encoder"], models["official"])
-    create = predictor_module.create
-
-    def on_a_device(*args, **kwargs):
-        return dataclasses.replace(create(*args, **kwargs),
-                                   active=["CUDAExecutionProvider", "CPUExecutionProvider"])
-
-    monkeypatch.setattr(predictor_module, "create", on_a_device)
+    monkeypatch.setattr(predictor_module, "runnable_providers",
+                        lambda config: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(predictor_module.repair_passes, "split_at_inputs", None)  # not called
     whole = SamOnnxPredictor(models["encoder"], models["official"])
     assert split._image_part is not None and whole._image_part is None
     assert "image_embeddings" in whole.decoder.input_names

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 from types import ModuleType
-from typing import Callable, Collection, Dict, Mapping, Optional, Tuple
+from typing import Callable, Collection, Dict, FrozenSet, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -82,6 +82,14 @@ class Family:
         (the encoder's outputs by this family's names)."""
         return {name: make(encoded[source]) for name, (source, make) in
                 self.derived_inputs.items() if name in names}
+
+    @property
+    def image_inputs(self) -> FrozenSet[str]:
+        """The decoder inputs, by this family's names, that come from the image: every
+        encoder's outputs and what is derived from them (the rest come with a prompt)."""
+        return frozenset({self.aliases.get(name, name) for c in self.contracts.values()
+                          if c.role == "encoder" for name in c.output_names} |
+                         set(self.derived_inputs))
 
     @property
     def models(self) -> Tuple[str, ...]:

@@ -31,7 +31,14 @@ from ..graph.validate import (
 )
 from . import transforms
 from .images import ImageLike, load_image
-from .sessions import CPU, Session, SessionConfig, create, warn_fallback
+from .sessions import (
+    CPU,
+    Session,
+    SessionConfig,
+    create,
+    runnable_providers,
+    warn_fallback,
+)
 
 PathLike = Union[str, Path]
 
@@ -129,11 +136,6 @@ def stability(logits: np.ndarray, delta: float) -> np.ndarray:
 #: fusion off: its kernel took 2 ms on the upscaler's 2 M values, where Add then Gelu take
 #: 1.2 (same outputs; vit_b decoder 18.4 -> 18.0 ms a prompt). The encoder is faster with it.
 DECODER_SESSION = dict(memory_pattern=False, disabled_optimizers=("BiasGeluFusion",))
-
-
-#: The decoder inputs a prompt brings (``_feed``); the others come from the image.
-PROMPT_INPUTS = ("point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size",
-                 "pred_iou_thresh", "multimask_output", "hq_token_only")
 
 
 #: What each point label means to SAM's prompt encoder (SAM 2's too).
@@ -280,45 +282,47 @@ class SamOnnxPredictor:
         with concurrent.futures.ThreadPoolExecutor(1) as pool:
             building = None if encoder is None else pool.submit(create, encoder, config,
                                                                   warn=False)
-            self._image_part, self.decoder = self._no_mask_sessions()
+            image_part, rest = self._no_mask_graphs()
+            self._image_part = None if image_part is None else self._session(image_part)
+            self.decoder: Session = self._session(rest)
             self.encoder: Optional[Session] = None if building is None else building.result()
         for session in (self.decoder, self.encoder):  # said at the caller's line, once
             if session is not None:
                 warn_fallback(session, stacklevel=3)
         self.reset_image()
 
-    def _decoder_session(self, bound: Dict[str, np.ndarray]) -> Session:
+    def _whole_session(self) -> Session:
+        """The decoder cut at the outputs the predictor reads, nothing bound: for a mask
+        prompt, made when the first one comes."""
         source = _decoder_source(self._decoder_path, self._decoder_graph,
-                                 self.decoder_contract, self._outputs, bound)
-        if isinstance(source, onnx.ModelProto):
-            source = source.SerializeToString()
-        return create(source, self._session_config, name=Path(self._decoder_path).name,
-                      warn=False)
+                                 self.decoder_contract, self._outputs, {})
+        return self._session(source)
 
-    def _no_mask_sessions(self) -> Tuple[Optional[Session], Session]:
-        """The sessions prompts without a mask run: the part of the decoder computed from
-        the image alone, run once an image (``_set_encoded``), and the rest, run per prompt
-        on its results; or the whole decoder when no part depends on the image alone, or
-        when that part runs on a device: its results (22 MB for sam2_batched) would travel
-        to the host and back with every prompt, where the device computes them in less
-        (reasoned, not measured: no GPU here)."""
+    def _no_mask_graphs(self) -> Tuple[Optional[onnx.ModelProto], onnx.ModelProto]:
+        """What prompts without a mask run: the decoder with its mask inputs bound to "no
+        mask", split into the part computed from the image alone, run once an image
+        (``_set_encoded``), and the rest, run per prompt on its results; unsplit (None and
+        the whole) when no part depends on the image alone, or when the sessions would run
+        on a device: the part's results (22 MB for sam2_batched) would travel to the host
+        and back with every prompt, where the device computes them in less (reasoned, not
+        measured: no GPU here)."""
         source = _decoder_source(self._decoder_path, self._decoder_graph,
                                  self.decoder_contract, self._outputs, self._no_mask)
         model = source if isinstance(source, onnx.ModelProto) else \
             _with_weights(source, self._decoder_graph)
-        image = [name for canonical, name in self.inputs.items()
-                 if canonical not in PROMPT_INPUTS]
-        parts = repair_passes.split_at_inputs(model, image)
-        name = Path(self._decoder_path).name
+        parts = None
+        if runnable_providers(self._session_config)[0] == CPU:
+            parts = repair_passes.split_at_inputs(
+                model, [name for canonical, name in self.inputs.items()
+                        if canonical in self.family.image_inputs])
+        return (None, model) if parts is None else parts
 
-        def session(graph: onnx.ModelProto) -> Session:
-            return create(graph.SerializeToString(), self._session_config, name=name,
-                          warn=False)
-
-        image_part = None if parts is None else session(parts[0])
-        if image_part is None or image_part.active[0] != CPU:
-            return None, session(model)
-        return image_part, session(parts[1])
+    def _session(self, graph: Union[PathLike, onnx.ModelProto]) -> Session:
+        """A decoder session on a file, or on a graph held in memory."""
+        if isinstance(graph, onnx.ModelProto):
+            graph = graph.SerializeToString()
+        return create(graph, self._session_config, name=Path(self._decoder_path).name,
+                      warn=False)
 
     # -- image ---------------------------------------------------------------------------
     def set_image(self, image: ImageLike, image_format: str = "RGB") -> None:
@@ -350,10 +354,8 @@ class SamOnnxPredictor:
         #: What the decoder computes from the image alone, made once for all its prompts.
         self._ahead: Dict[str, np.ndarray] = {}
         if self._image_part is not None:
-            values = {**self.encoded, **self._derived}
-            feed = {name: np.asarray(values[canonical], self.decoder_contract.input(name).dtype)
-                    for canonical, name in self.inputs.items()
-                    if name in self._image_part.input_names}
+            feed = self._typed({**self.encoded, **self._derived},
+                               set(self._image_part.input_names))
             self._ahead = dict(zip(self._image_part.output_names,
                                    self._image_part.run(None, feed)))
         self.is_image_set = True
@@ -522,7 +524,7 @@ class SamOnnxPredictor:
         names = list(self._outputs)
         if any(np.any(feed[name] != 0) for name in self._no_mask):  # a mask prompt
             if self._mask_decoder is None:
-                self._mask_decoder = self._decoder_session({})
+                self._mask_decoder = self._whole_session()
             outputs = self._mask_decoder.run(names, feed)
         else:
             takes = self.decoder.input_names
@@ -607,9 +609,13 @@ class SamOnnxPredictor:
             "multimask_output": np.array([float(multimask_output)], np.float32),
             "hq_token_only": np.array([float(hq_token_only)], np.float32),
         }
-        return {name: np.asarray(values[canonical],
-                                 self.decoder_contract.input(name).dtype)
-                for canonical, name in takes.items()}
+        return self._typed(values, set(takes.values()))
+
+    def _typed(self, values: Dict[str, np.ndarray], names) -> Dict[str, np.ndarray]:
+        """The decoder inputs ``names`` from ``values`` (by this family's names), in the
+        dtypes the graph declares."""
+        return {name: np.asarray(values[canonical], self.decoder_contract.input(name).dtype)
+                for canonical, name in self.inputs.items() if name in names}
 
     def _iou_thresholds(self, value: float, multimask_output: bool) -> np.ndarray:
         """A batched decoder's ``pred_iou_thresh``: one for every mask token (SAM's), or one a

@@ -196,6 +196,19 @@ def _options(config: SessionConfig) -> "ort.SessionOptions":
     return options
 
 
+def _requested(config: SessionConfig) -> List[str]:
+    """``config.providers`` by ONNX Runtime's names, CPU last if not asked for."""
+    requested = [provider_name(p) for p in config.providers]
+    return requested if CPU in requested else requested + [CPU]
+
+
+def runnable_providers(config: SessionConfig) -> List[str]:
+    """The providers a session made with ``config`` is asked for, in order: those asked for
+    that this machine has (CUDA only where its libraries and a device are found), else CPU."""
+    return [p for p in _requested(config) if p in ort.get_available_providers()
+            and not (p in (CUDA, TENSORRT) and _cuda_library_reasons())] or [CPU]
+
+
 def create(model: Union[os.PathLike, str, bytes],
            config: SessionConfig = SessionConfig(), name: Optional[str] = None,
            warn: bool = True) -> Session:
@@ -206,11 +219,8 @@ def create(model: Union[os.PathLike, str, bytes],
     says the fallback with ``warn_fallback``."""
     in_memory = isinstance(model, bytes)
     name = name or ("<in-memory graph>" if in_memory else Path(model).name)
-    requested = [provider_name(p) for p in config.providers]
-    if CPU not in requested:
-        requested.append(CPU)
-    runnable = [p for p in requested if p in ort.get_available_providers()
-                and not (p in (CUDA, TENSORRT) and _cuda_library_reasons())] or [CPU]
+    requested = _requested(config)
+    runnable = runnable_providers(config)
     ort.set_default_logger_severity(3)  # ONNX Runtime's own fallback log: said once below
     options = _options(config)
     cached = None if in_memory else _cached_model(Path(model), config, runnable)
